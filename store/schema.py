@@ -1,0 +1,106 @@
+"""The SQLite schema, as SQLModel tables.
+
+Designed to be read by a person with plain SQL or Datasette (see README "Database"):
+one row per model, prompt and trace, and one row per generated token in `tokens`
+(primary key (trace_id, position)), with the top-k alternatives as a JSON array so
+`json_each(tokens.top)` unpacks them. Times are ISO-8601 UTC text; entropies and
+log-probabilities are in nats.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, ForeignKey, Index, Integer, Text
+from sqlmodel import Field, SQLModel
+
+# Version 1: first release layout. Version 2 added traces.stop_reason,
+# traces.tokens_per_second, traces.host and traces.pid (crash recovery).
+SCHEMA_VERSION = 2
+
+STATUSES = ("running", "complete", "stopped", "failed")
+
+
+class Meta(SQLModel, table=True):
+    __tablename__ = "meta"
+
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class ModelRow(SQLModel, table=True):
+    __tablename__ = "models"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str
+    spec: str
+    kind: str  # default | gguf | dir | hub | object
+    content_hash: str | None = None  # sha256 of a GGUF file, or a file fingerprint
+    revision: str | None = None  # hub commit
+    dtype: str
+    device: str
+    created_at: str
+
+
+class PromptRow(SQLModel, table=True):
+    __tablename__ = "prompts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    text: str
+    reference_answer: str | None = None
+    source_set: str | None = None  # e.g. "arith"
+    source_id: str | None = None  # id within the set
+    created_at: str
+
+
+class TraceRow(SQLModel, table=True):
+    __tablename__ = "traces"
+    __table_args__ = (
+        Index("ix_traces_parent", "parent_trace_id"),
+        Index("ix_traces_started", "started_at"),
+        Index("ix_traces_model", "model_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    uid: str = Field(unique=True)  # stays the same when databases are merged
+    model_id: int = Field(sa_column=Column(Integer, ForeignKey("models.id"), nullable=False))
+    prompt_id: int = Field(sa_column=Column(Integer, ForeignKey("prompts.id"), nullable=False))
+    parent_trace_id: int | None = Field(
+        default=None, sa_column=Column(Integer, ForeignKey("traces.id"), nullable=True)
+    )
+    fork_position: int | None = None
+    forced_token_ids: str | None = None  # JSON list
+    prompt_token_ids: str  # JSON list: exactly the ids fed to the model
+    raw: bool = False  # True: prompt sent without the chat template
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    top_k: int
+    seed: int | None = None
+    stop: str = "[]"  # JSON list of stop strings
+    top_alternatives: int
+    status: str  # running | complete | stopped | failed
+    stop_reason: str | None = None  # eos | length | stop_string | context | interrupted | crashed
+    error: str | None = None
+    started_at: str
+    finished_at: str | None = None
+    text: str = ""
+    n_tokens: int = 0
+    tokens_per_second: float | None = None
+    host: str | None = None
+    pid: int | None = None
+    forkview_version: str
+
+
+class TokenRow(SQLModel, table=True):
+    __tablename__ = "tokens"
+
+    trace_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("traces.id", ondelete="CASCADE"), primary_key=True)
+    )
+    position: int = Field(primary_key=True)  # 0 = first generated token
+    token_id: int
+    text: str
+    logprob: float  # ln p(token), T = 1
+    rank: int  # 1 = argmax
+    entropy: float  # nats, full vocabulary, T = 1
+    sampling_entropy: float  # nats, distribution actually sampled from
+    top: str = Field(sa_column=Column(Text, nullable=False))  # JSON [{token_id,text,prob}]
