@@ -23,7 +23,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model_dir(path: Path, *, seed: int = 0, vocab_size: int = 400) -> Path:
+def build_tiny_model_dir(
+    path: Path, *, seed: int = 0, vocab_size: int = 400, context: int = 512
+) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -52,7 +54,7 @@ def build_tiny_model_dir(path: Path, *, seed: int = 0, vocab_size: int = 400) ->
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         eos_token_id=fast.eos_token_id,
         bos_token_id=fast.eos_token_id,
         pad_token_id=fast.eos_token_id,

@@ -1,0 +1,376 @@
+"""The `forkview` command.
+
+Imports stay inside the commands: `forkview --help`, `traces`, `export` and `browse`
+never import torch, so they answer at once on a machine where loading torch takes
+seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.types import GenerationParams
+
+PROG = "forkview"
+
+
+class UsageError(Exception):
+    """A bad command-line value: reported on one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _float_range(lo: float, hi: float, lo_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value != value or value > hi or value < lo or (lo_open and value == lo):
+            bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be in {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model", default=os.environ.get("FORKVIEW_MODEL", "default"), metavar="SPEC",
+        help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face directory, a hub id, "
+        "or a .gguf file (env FORKVIEW_MODEL)",
+    )
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def _db_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="PATH", default=None,
+                   help="SQLite database (default: env FORKVIEW_DB or the user data directory)")
+
+
+def _generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=512, metavar="N")
+    g.add_argument("--temperature", type=_float_range(0.0, 100.0), default=0.0, metavar="T",
+                   help="0 = greedy (default); T > 0 samples")
+    g.add_argument("--top-p", type=_float_range(0.0, 1.0, lo_open=True), default=1.0,
+                   metavar="P")
+    g.add_argument("--top-k", type=_non_negative_int, default=0, metavar="K",
+                   help="0 = off")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="sampling seed (a random one is chosen and stored if omitted)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the output contains TEXT (repeatable)")
+    g.add_argument("--alternatives", type=_non_negative_int, default=10, metavar="K",
+                   help="top-k alternatives recorded per token (default 10)")
+    g.add_argument("--raw", action="store_true",
+                   help="send the prompt as plain text, without the chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Watch a language model reason token by token: entropy per token, "
+        "kept in SQLite. Without a command, opens the explorer.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _model_options(p)
+    _db_option(p)
+    _generation_options(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("browse", help="browse saved traces without loading a model")
+    b.add_argument("db_file", nargs="?", metavar="DB", help="database file (default: --db)")
+    _db_option(b)
+
+    a = sub.add_parser("annotate", help="generate one annotated trace and save it")
+    a.add_argument("--prompt", required=True, help="the prompt text")
+    a.add_argument("--answer", default=None, metavar="REF", help="reference answer")
+    a.add_argument("--json", action="store_true", help="print the trace as one JSON object")
+    _model_options(a)
+    _db_option(a)
+    _generation_options(a)
+
+    e = sub.add_parser("export", help="export per-token rows as JSONL or CSV")
+    _db_option(e)
+    e.add_argument("--trace", type=int, action="append", metavar="ID",
+                   help="trace id (repeatable; default: all traces)")
+    e.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    e.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+
+    t = sub.add_parser("traces", help="list saved traces, newest first")
+    _db_option(t)
+    t.add_argument("--json", action="store_true", help="print a JSON list")
+    t.add_argument("--search", default=None, help="only traces whose prompt or text contains this")
+    t.add_argument("--model", dest="model_filter", default=None,
+                   help="only traces whose model name or spec contains this")
+    t.add_argument("--limit", type=_positive_int, default=None)
+    return p
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("forkview")
+    except Exception:
+        return "0+unknown"
+
+
+def _params(args: argparse.Namespace) -> GenerationParams:
+    from models.types import GenerationParams
+
+    return GenerationParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        top_alternatives=args.alternatives,
+        raw=args.raw,
+    )
+
+
+def _status(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    # SIGTERM / SIGHUP (the SSH session or window closing) take the same path as
+    # Ctrl-C, so the trace is closed as `stopped` with every token so far.
+    raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from store import Store
+
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    params = _params(args)
+    store = Store.open(args.db)  # fail on a bad database before spending time on the model
+    from forkview.pipeline import annotate_prompt
+    from models.loading import load_model
+
+    quiet = args.json or not sys.stderr.isatty()
+    lm = load_model(args.model, args.device, args.dtype, status=None if quiet else _status)
+    started: list[int] = []
+    show = _token_printer() if not quiet else None
+    try:
+        result = annotate_prompt(
+            lm, store, args.prompt, params, answer=args.answer,
+            on_start=lambda r: started.append(r.trace_id),
+            on_step=show,
+        )
+    except KeyboardInterrupt:
+        if started:
+            info = store.trace(started[0])
+            _status(f"interrupted: trace {info.id} kept with {info.n_tokens} tokens (stopped)")
+            if not args.json:
+                print(info.id)
+        return 130
+    if show is not None:
+        print(file=sys.stderr)
+    if args.json:
+        info = store.trace(result.trace_id)
+        out = {
+            "trace_id": result.trace_id,
+            "model": lm.name,
+            "model_spec": lm.spec,
+            "device": lm.device,
+            "dtype": lm.dtype,
+            "prompt": args.prompt,
+            "answer": args.answer,
+            "prompt_token_ids": result.prompt_ids,
+            "params": result.params.to_json(),
+            "status": info.status,
+            "stop_reason": info.stop_reason,
+            "text": result.text,
+            "tokens": [s.to_json() for s in result.steps],
+        }
+        json.dump(out, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        print(result.trace_id)
+    return 0
+
+
+def _token_printer():
+    """Stream tokens to stderr coloured by entropy, for a person watching a terminal."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from forkview.palette import entropy_style
+
+    console = Console(stderr=True, highlight=False)
+
+    def show(step: Any) -> None:
+        console.print(Text(step.text, style=entropy_style(step.entropy)), end="")
+
+    return show
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import contextlib
+    import csv
+
+    from store import Store
+    from store.db import iter_export_rows
+
+    store = Store.open(args.db, create=False)
+    for tid in args.trace or ():
+        store.trace(tid)  # every id is checked before anything is written
+    rows = iter_export_rows(store, args.trace)
+    fields = ["trace_id", "position", "token_id", "text", "logprob", "rank", "entropy",
+              "sampling_entropy", "top"]
+    target = (
+        open(args.output, "w", newline="", encoding="utf-8")  # noqa: SIM115 (with below)
+        if args.output
+        else contextlib.nullcontext(sys.stdout)
+    )
+    with target as out:
+        if args.format == "jsonl":
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            w = csv.DictWriter(out, fieldnames=fields)
+            w.writeheader()
+            for row in rows:
+                row["top"] = json.dumps(row["top"], ensure_ascii=False)
+                w.writerow(row)
+    return 0
+
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    from store import Store
+
+    store = Store.open(args.db, create=False)
+    infos = store.list_traces(search=args.search, model=args.model_filter, limit=args.limit)
+    if args.json:
+        out = [
+            {
+                "trace_id": t.id, "uid": t.uid, "status": t.status, "stop_reason": t.stop_reason,
+                "model": t.model_name, "model_spec": t.model_spec, "prompt": t.prompt,
+                "answer": t.reference_answer, "n_tokens": t.n_tokens, "text": t.text,
+                "started_at": t.started_at, "finished_at": t.finished_at,
+                "tokens_per_second": t.tokens_per_second,
+                "parent_trace_id": t.parent_trace_id, "fork_position": t.fork_position,
+                "params": t.params.to_json(),
+            }
+            for t in infos
+        ]
+        json.dump(out, sys.stdout, ensure_ascii=False, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    if not infos:
+        print("no traces", file=sys.stderr)
+        return 0
+    print(f"{'id':>5}  {'status':<8}  {'tokens':>6}  {'started (UTC)':<19}  {'model':<28}  prompt")
+    for t in infos:
+        prompt = " ".join(t.prompt.split())
+        print(f"{t.id:>5}  {t.status:<8}  {t.n_tokens:>6}  {t.started_at[:19].replace('T', ' ')}"
+              f"  {t.model_name[:28]:<28}  {prompt[:60]}")
+    return 0
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    from store import Store
+
+    db = args.db_file or args.db
+    Store.open(db, create=False).close()
+    from forkview.app import create_app
+
+    create_app(db_path=db, browse_only=True).run()
+    return 0
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from store import Store
+    from store.db import default_db_path
+
+    Store.open(args.db).close()
+    from models.loading import resolve_spec
+
+    resolve_spec(args.model)  # a path that doesn't exist fails here, before the TUI opens
+    from forkview.app import create_app
+
+    app = create_app(
+        db_path=args.db or default_db_path(), model_spec=args.model, device=args.device,
+        dtype=args.dtype, params=_params(args),
+    )
+    app.run()
+    return int(getattr(app, "return_code", 0) or 0)
+
+
+COMMANDS = {
+    None: cmd_explore,
+    "browse": cmd_browse,
+    "annotate": cmd_annotate,
+    "export": cmd_export,
+    "traces": cmd_traces,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _raise_interrupt)
+    from models.errors import ModelError
+    from store.errors import StoreError
+
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        parser.error(str(e))  # exits 2 with the usage line
+    except (ModelError, StoreError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `forkview export | head` closes the pipe early: not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        # e.g. `-o` into a directory that does not exist
+        where = f": {e.filename}" if e.filename else ""
+        print(f"{PROG}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

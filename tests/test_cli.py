@@ -1,0 +1,316 @@
+"""The headless command contract and its bad-input behaviour.
+
+Most cases call `main()` in-process (torch is already imported by the session); the
+ones about process behaviour (exit codes, no traceback, signals, import cost) run the
+real command in a subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from forkview.cli import main
+from store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN_FIELDS = {"position", "token_id", "text", "logprob", "rank", "entropy",
+                "sampling_entropy", "top"}
+
+
+def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "forkview", *args], capture_output=True, text=True,
+        timeout=timeout, cwd=ROOT, env=env, **kw,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str, code: int = 1):
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert any(needle in ln for ln in lines), proc.stderr
+    if code == 1:
+        assert len(lines) == 1, proc.stderr
+
+
+def annotate_json(capsys, *args: str) -> dict:
+    assert main(["annotate", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# ------------------------------------------------------------------ the contract
+def test_annotate_json_contract(tiny_model_dir, db_path, capsys):
+    out = annotate_json(capsys, "--prompt", "Tom has 3 apples.", "--answer", "3",
+                        "--model", str(tiny_model_dir), "--db", str(db_path),
+                        "--max-new-tokens", "12", "--temperature", "1", "--seed", "7")
+    assert {"trace_id", "model", "prompt", "prompt_token_ids", "params", "status", "text",
+            "tokens"} <= out.keys()
+    assert out["prompt"] == "Tom has 3 apples."
+    assert out["status"] == "complete"
+    assert out["params"]["seed"] == 7 and out["params"]["temperature"] == 1.0
+    assert 1 <= len(out["tokens"]) <= 12
+    for i, tok in enumerate(out["tokens"]):
+        assert set(tok) == TOKEN_FIELDS
+        assert tok["position"] == i
+        assert len(tok["top"]) == 10
+        assert set(tok["top"][0]) == {"token_id", "text", "prob"}
+    assert out["text"] == "".join(t["text"] for t in out["tokens"])
+    # prompt_token_ids are exactly what the model was fed: the chat template included.
+    from models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir))
+    expected = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tom has 3 apples."}], add_generation_prompt=True,
+        tokenize=True, return_dict=False,
+    )
+    assert out["prompt_token_ids"] == list(expected)
+    stored = Store.open(db_path).trace(out["trace_id"])
+    assert stored.reference_answer == "3"
+    assert stored.prompt_token_ids == out["prompt_token_ids"]
+
+
+def test_same_seed_same_trace_through_cli(tiny_model_dir, db_path, capsys):
+    args = ["--prompt", "Count to five", "--model", str(tiny_model_dir), "--db",
+            str(db_path), "--max-new-tokens", "20", "--temperature", "1", "--seed", "3"]
+    a = annotate_json(capsys, *args)
+    b = annotate_json(capsys, *args)
+    assert [t["token_id"] for t in a["tokens"]] == [t["token_id"] for t in b["tokens"]]
+    assert a["trace_id"] != b["trace_id"]
+
+
+def test_raw_skips_chat_template(tiny_model_dir, db_path, capsys):
+    out = annotate_json(capsys, "--prompt", "hello", "--raw", "--model", str(tiny_model_dir),
+                        "--db", str(db_path), "--max-new-tokens", "3")
+    from models.loading import load_model
+
+    tok = load_model(str(tiny_model_dir)).tokenizer
+    assert out["prompt_token_ids"] == tok("hello")["input_ids"]
+    assert out["params"]["raw"] is True
+
+
+def test_export_jsonl_and_csv(tiny_model_dir, db_path, capsys, tmp_path):
+    a = annotate_json(capsys, "--prompt", "one", "--model", str(tiny_model_dir), "--db",
+                      str(db_path), "--max-new-tokens", "5")
+    b = annotate_json(capsys, "--prompt", "two", "--model", str(tiny_model_dir), "--db",
+                      str(db_path), "--max-new-tokens", "4")
+    assert main(["export", "--db", str(db_path), "--format", "jsonl",
+                 "--trace", str(b["trace_id"])]) == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [r["trace_id"] for r in rows] == [b["trace_id"]] * len(b["tokens"])
+    for row, tok in zip(rows, b["tokens"], strict=True):
+        assert row == {"trace_id": b["trace_id"], **tok}
+
+    out_file = tmp_path / "all.csv"
+    assert main(["export", "--db", str(db_path), "--format", "csv", "-o", str(out_file)]) == 0
+    got = list(csv.DictReader(io.StringIO(out_file.read_text(encoding="utf-8"))))
+    assert len(got) == len(a["tokens"]) + len(b["tokens"])
+    first = got[0]
+    assert int(first["trace_id"]) == a["trace_id"]
+    assert json.loads(first["top"]) == a["tokens"][0]["top"]
+    assert float(first["entropy"]) == pytest.approx(a["tokens"][0]["entropy"])
+
+
+def test_traces_json_lists_newest_first(tiny_model_dir, db_path, capsys):
+    ids = [annotate_json(capsys, "--prompt", p, "--model", str(tiny_model_dir), "--db",
+                         str(db_path), "--max-new-tokens", "2")["trace_id"]
+           for p in ("alpha", "beta")]
+    assert main(["traces", "--db", str(db_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [t["trace_id"] for t in listed] == ids[::-1]
+    assert main(["traces", "--db", str(db_path), "--json", "--search", "alpha"]) == 0
+    assert [t["prompt"] for t in json.loads(capsys.readouterr().out)] == ["alpha"]
+    assert main(["traces", "--db", str(db_path)]) == 0
+    assert "alpha" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ bad input
+def test_model_path_missing(db_path, capsys):
+    assert main(["annotate", "--prompt", "x", "--model", "/no/such/model",
+                 "--db", str(db_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "forkview: error: model path does not exist: /no/such/model"
+
+
+def test_directory_that_is_not_a_model(tmp_path, db_path, capsys):
+    (tmp_path / "notes").mkdir()
+    assert main(["annotate", "--prompt", "x", "--model", str(tmp_path / "notes"),
+                 "--db", str(db_path)]) == 1
+    assert "is not a model directory" in capsys.readouterr().err
+
+
+def test_gguf_transformers_cannot_load(tmp_path, db_path, capsys, monkeypatch):
+    monkeypatch.setenv("FORKVIEW_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    assert main(["annotate", "--prompt", "x", "--model", str(bad), "--db", str(db_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("forkview: error: transformers cannot load broken.gguf")
+    assert "\n" not in err
+
+
+def test_empty_prompt_is_usage_error(db_path):
+    proc = run_cli("annotate", "--prompt", "   ", "--db", str(db_path), timeout=60)
+    assert_one_line_error(proc, "the prompt is empty", code=2)
+    assert not db_path.exists()  # nothing was created for a bad command
+
+
+def test_prompt_longer_than_context(tiny_model_dir, db_path, capsys):
+    long_prompt = "apples and pears " * 400
+    assert main(["annotate", "--prompt", long_prompt, "--model", str(tiny_model_dir),
+                 "--db", str(db_path)]) == 1
+    err = capsys.readouterr().err
+    assert "but the model's context is 512 tokens" in err
+    assert Store.open(db_path).count_traces() == 0
+
+
+@pytest.mark.parametrize("value, flag", [("-1", "--temperature"), ("0", "--top-p"),
+                                         ("1.5", "--top-p"), ("0", "--max-new-tokens"),
+                                         ("x", "--seed"), ("-2", "--top-k")])
+def test_bad_generation_values(value, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["annotate", "--prompt", "x", flag, value])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_missing_database(tmp_path):
+    proc = run_cli("traces", "--db", str(tmp_path / "nope.db"), timeout=60)
+    assert_one_line_error(proc, "database not found")
+
+
+def test_garbled_database(tmp_path):
+    bad = tmp_path / "garbled.db"
+    bad.write_bytes(b"this is not sqlite at all" * 100)
+    before = bad.read_bytes()
+    proc = run_cli("export", "--db", str(bad), timeout=60)
+    assert_one_line_error(proc, "is not a forkview database")
+    assert bad.read_bytes() == before
+
+
+def test_database_from_newer_schema(tmp_path, capsys):
+    newer = tmp_path / "newer.db"
+    Store.open(newer).close()
+    con = sqlite3.connect(newer)
+    con.execute("PRAGMA user_version = 99")
+    con.close()
+    before = newer.read_bytes()
+    assert main(["traces", "--db", str(newer)]) == 1
+    assert "written by a newer forkview (schema 99" in capsys.readouterr().err
+    assert newer.read_bytes() == before
+
+
+def test_unwritable_database_directory(tmp_path, capsys):
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    # A directory cannot be made under a regular file, even as root.
+    assert main(["annotate", "--prompt", "x", "--db", str(blocker / "sub" / "t.db")]) == 1
+    assert "cannot create the database directory" in capsys.readouterr().err
+
+
+def test_unknown_trace_id(tiny_model_dir, db_path, capsys):
+    annotate_json(capsys, "--prompt", "x", "--model", str(tiny_model_dir), "--db",
+                  str(db_path), "--max-new-tokens", "2")
+    assert main(["export", "--db", str(db_path), "--trace", "999"]) == 1
+    captured = capsys.readouterr()
+    assert "no trace with id 999" in captured.err
+    assert captured.out == ""  # nothing half-written
+
+
+# ------------------------------------------------------------------ process level
+def test_help_is_fast_and_never_imports_torch():
+    code = (
+        "import sys, time\n"
+        "t = time.perf_counter()\n"
+        "from forkview.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('ELAPSED', time.perf_counter() - t)\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'textual') "
+        "if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert "usage: forkview" in proc.stdout
+    assert "HEAVY []" in proc.stdout
+    elapsed = float(proc.stdout.split("ELAPSED")[1].split()[0])
+    assert elapsed < 1.0
+
+
+def test_python_dash_m_matches_command():
+    proc = run_cli("--version", timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("forkview ")
+
+
+@pytest.fixture(scope="module")
+def long_context_model(tmp_path_factory) -> Path:
+    from tests.tiny import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-long"), context=1_000_000)
+
+
+def _count_tokens(db: Path) -> int:
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        return con.execute("SELECT COUNT(*) FROM tokens").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        con.close()
+
+
+def test_signals_keep_tokens_marked_stopped(long_context_model, tmp_path):
+    """Ctrl-C (SIGINT) and SIGTERM/SIGHUP mid-generation: the trace keeps its tokens and
+    is marked stopped. Both processes run side by side to halve the start-up cost."""
+    runs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        db = tmp_path / f"{sig.name}.db"
+        runs[sig] = (db, subprocess.Popen(
+            [sys.executable, "-m", "forkview", "annotate", "--prompt", "go on forever",
+             "--model", str(long_context_model), "--db", str(db),
+             "--max-new-tokens", "900000"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        ))
+    try:
+        deadline = time.monotonic() + 120
+        pending = dict(runs)
+        seen = {}
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.3)
+            for sig, (db, proc) in list(pending.items()):
+                seen[sig] = _count_tokens(db)
+                if seen[sig] >= 40:
+                    proc.send_signal(sig)
+                    del pending[sig]
+        assert not pending, f"generation did not start: {seen}"
+        results = {sig: proc.communicate(timeout=60) for sig, (_db, proc) in runs.items()}
+    finally:
+        for _db, proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for sig, (db, proc) in runs.items():
+        out, err = results[sig]
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err
+        assert "kept with" in err and "(stopped)" in err
+        store = Store.open(db)
+        (info,) = store.list_traces()
+        assert info.status == "stopped" and info.stop_reason == "interrupted"
+        tokens = store.tokens(info.id)
+        assert len(tokens) == info.n_tokens >= seen[sig]
+        assert [t.position for t in tokens] == list(range(len(tokens)))
+        assert out.strip() == str(info.id)
