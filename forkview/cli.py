@@ -228,7 +228,7 @@ def _token_printer():
     from rich.console import Console
     from rich.text import Text
 
-    from forkview.palette import entropy_style
+    from forkview.ui.scale import entropy_style
 
     console = Console(stderr=True, highlight=False)
 

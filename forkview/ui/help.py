@@ -1,0 +1,95 @@
+"""The `?` help screen: every key, and how to read the colours."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from forkview.ui.scale import N_BINS, bin_label, bin_style
+
+KEYS = [
+    ("Explorer", [
+        ("Enter", "generate from the prompt (in the prompt box)"),
+        ("Esc", "stop generating: the trace keeps its tokens, status stopped;"
+                " when idle, leave the prompt box"),
+        ("p  Tab", "go to the prompt box / back to the trace"),
+        ("ctrl+u", "in the prompt box: delete everything left of the cursor"),
+        ("← →  h l", "previous / next token"),
+        ("↑ ↓  k j", "token on the line above / below"),
+        ("Home End  g G", "first / last token (End follows a running generation)"),
+        ("PgUp PgDn", "a page up / down"),
+        ("n  N", "next / previous high-entropy token (top 20% of this trace)"),
+        ("click", "select a token"),
+        ("b  F2", "trace browser"),
+    ]),
+    ("Browser", [
+        ("↑ ↓  Enter", "choose a trace and open it in the explorer"),
+        ("/", "filter by text (prompt or output) and by model"),
+        ("Esc", "back to the explorer"),
+    ]),
+    ("Everywhere", [
+        ("?  F1", "this help (F1 also inside a text box)"),
+        ("q", "quit; inside a text box q types a letter, so use ctrl+q there"),
+        ("ctrl+q", "quit from anywhere; a running generation is saved as stopped"),
+    ]),
+]
+
+NOTES = (
+    "Each token's background is its entropy: nats over the full vocabulary at T = 1, "
+    "from the step that chose it, on a fixed scale so traces compare by eye. The side "
+    "panel shows the selected token's numbers and its top alternatives (▶ = chosen). "
+    "⏎ marks a newline inside a token, ∅ a token with no text of its own (a special "
+    "token, or bytes completed by a later token). With NO_COLOR set, the top 20% "
+    "entropy tokens are bold + underlined and the cursor is reversed."
+)
+
+
+def help_renderable() -> Group:
+    keys = Table.grid(padding=(0, 2))
+    keys.add_column(style="bold", no_wrap=True)
+    keys.add_column()
+    for n, (section, rows) in enumerate(KEYS):
+        if n:
+            keys.add_row("", "")
+        keys.add_row(Text(section, style="bold underline"), "")
+        for key, what in rows:
+            keys.add_row(key, what)
+    scale = Text("Colours", style="bold underline")
+    scale.append("  ", style="")
+    for i in range(N_BINS):
+        scale.append(f"{bin_label(i):>4}", style=bin_style(i))
+    scale.append(" nats", style="")
+    return Group(keys, Text(""), scale, Text(""), Text(NOTES))
+
+
+class HelpScreen(ModalScreen[None]):
+    DEFAULT_CSS = """
+    HelpScreen {
+        align: center middle;
+    }
+    HelpScreen > VerticalScroll {
+        width: 90%;
+        max-width: 96;
+        height: 90%;
+        border: round $primary;
+        border-title-align: center;
+        background: $surface;
+        padding: 0 1;
+    }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,q,question_mark,f1", "dismiss", "close", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll() as scroll:
+            scroll.border_title = "help · Esc closes"
+            yield Static(help_renderable())

@@ -1,0 +1,55 @@
+"""Messages the background workers post to the UI.
+
+Workers run in threads and never touch widgets: they post these (post_message is
+thread-safe) and the screen's handlers own all state. Each generation carries a
+`gen_id` so late messages from a superseded generation are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from textual.message import Message
+
+if TYPE_CHECKING:
+    from models.types import TokenStep
+
+
+@dataclass
+class ModelStatus(Message):
+    """Progress while a model loads ("dequantising…", "loading…")."""
+
+    text: str
+
+
+@dataclass
+class ModelLoaded(Message):
+    lm: Any  # models.loading.LoadedModel (typed loosely: the UI never imports models)
+
+
+@dataclass
+class ModelFailed(Message):
+    error: str
+
+
+@dataclass
+class GenerationStarted(Message):
+    gen_id: int
+    trace_id: int
+
+
+@dataclass
+class TokensArrived(Message):
+    """A batch of new tokens (batched ~every 50 ms so the UI is not flooded)."""
+
+    gen_id: int
+    steps: list[TokenStep]
+    elapsed: float  # seconds since the first forward pass, for tokens/s
+
+
+@dataclass
+class GenerationFinished(Message):
+    gen_id: int
+    trace_id: int | None  # None when it failed before a trace was created
+    error: str | None = None
