@@ -103,7 +103,8 @@ def resolve_spec(spec: str | None) -> ResolvedSpec:
             return ResolvedSpec("gguf", str(path.resolve()), path.stem)
         if (path / "config.json").is_file():
             return ResolvedSpec("dir", str(path.resolve()), path.resolve().name)
-        ggufs = sorted(path.glob("*.gguf"))
+        # Suffix compared case-insensitively, as for a file spec above (glob is not).
+        ggufs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
         if len(ggufs) == 1:
             return ResolvedSpec("gguf", str(ggufs[0].resolve()), ggufs[0].stem)
         raise ModelError(f"{spec} is not a model directory (no config.json)")
@@ -123,8 +124,15 @@ def pick_device(device: str = "auto") -> str:
         if mps is not None and mps.is_available():
             return "mps"
         return "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for but no CUDA device is available")
+    # "cuda:N" too: letting it through failed later inside model.to() with a torch
+    # traceback (or a misleading "cannot load model ... from disk").
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device} was asked for but no CUDA device is available")
+        index = device.removeprefix("cuda").removeprefix(":")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ModelError(f"--device {device}: there are {torch.cuda.device_count()} "
+                             "CUDA device(s) (cuda:0 is the first)")
     if device == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
@@ -178,6 +186,8 @@ def _verify_cache(folder: Path, source_hash: str) -> bool:
         meta = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(meta, dict):  # valid JSON but not ours: .get() would raise
+        return False
     if meta.get("format") != CACHE_FORMAT or meta.get("source_sha256") != source_hash:
         return False
     files = meta.get("files")
@@ -197,10 +207,15 @@ def _build_gguf_cache(gguf: Path, source_hash: str, folder: Path, status: Status
     # The GGUF reader draws its own tqdm bar on stderr, which would tear a TUI.
     gguf_utils.tqdm = _silent_tqdm
     status(f"converting {gguf.name} to plain weights (first start only, ~30 s)...")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a sibling temp dir and rename: a crash mid-way never leaves a folder
-    # that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    # An unwritable cache (read-only home, FORKVIEW_CACHE under a file, full disk) is
+    # a one-line ModelError like every other load failure, not an OSError traceback.
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # Build in a sibling temp dir and rename: a crash mid-way never leaves a folder
+        # that looks complete.
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    except OSError as e:
+        raise ModelError(_cache_write_error(folder.parent, e)) from e
     try:
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -227,9 +242,16 @@ def _build_gguf_cache(gguf: Path, source_hash: str, folder: Path, status: Status
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
+    except OSError as e:
+        raise ModelError(_cache_write_error(folder.parent, e)) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_write_error(where: Path, e: OSError) -> str:
+    return (f"cannot write the model cache in {where}: {e.strerror or _one_line(e)} "
+            "(set FORKVIEW_CACHE to a writable folder)")
 
 
 def _silent_tqdm(iterable: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -12,6 +12,7 @@ import os
 import socket
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine, select
 
@@ -90,7 +91,10 @@ class TraceInfo:
 def _check_file(path: Path) -> int:
     """Schema version of an existing file, refusing anything that isn't ours."""
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # Percent-encoded: a raw "?", "#" or "%" in the path would be parsed as URI
+        # syntax and the check would look at another file (or none).
+        uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+        con = sqlite3.connect(uri, uri=True)
         try:
             version = con.execute("PRAGMA user_version").fetchone()[0]
             tables = {
@@ -140,7 +144,9 @@ class Store:
         else:
             version = _check_file(path)
         engine = create_engine(
-            f"sqlite:///{path}",
+            # URL.create, not an f-string URL: "?" or "%" in the path would otherwise be
+            # parsed as a query string / escape and another file silently opened.
+            URL.create("sqlite", database=str(path)),
             connect_args={"timeout": 60, "check_same_thread": False},
         )
         _install_pragmas(engine)
@@ -155,8 +161,12 @@ class Store:
 
     def _prepare(self, version: int) -> None:
         if version == 0:
-            SQLModel.metadata.create_all(self.engine)
+            # Tables and version in one BEGIN IMMEDIATE transaction: a second process
+            # opening the new file at the same moment never sees forkview tables
+            # without a version (which _check_file refuses), and create_all's
+            # existence checks run under the write lock.
             with self.engine.begin() as conn:
+                SQLModel.metadata.create_all(conn)
                 conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.exec_driver_sql(
                     "INSERT OR REPLACE INTO meta(key, value) VALUES ('created_by', ?)",
@@ -168,6 +178,11 @@ class Store:
 
     def _upgrade(self, version: int) -> None:
         with self.engine.begin() as conn:
+            # Re-read under the write lock: another process may have upgraded the
+            # file since _check_file looked (re-running ALTER TABLE would fail).
+            version = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+            if version >= SCHEMA_VERSION:
+                return
             raw = conn.connection.dbapi_connection
             for v in range(version, SCHEMA_VERSION):
                 MIGRATIONS[v](raw)

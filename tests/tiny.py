@@ -27,9 +27,11 @@ def build_tiny_model_dir(
     path: Path, *, seed: int = 0, vocab_size: int = 400, context: int = 512
 ) -> Path:
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    transformers.logging.disable_progress_bar()  # keeps test output readable
     path.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
