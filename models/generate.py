@@ -306,6 +306,10 @@ def stream_annotated(
             elif position + 1 >= limit:
                 stop_info.reason = "length" if limit == params.max_new_tokens else "context"
                 last = True
+            elif cancel is not None and cancel.is_set():
+                # Cancelled during this step's forward pass: this token is valid and
+                # becomes the last, with any held-back text flushed into it.
+                stop_info.reason, last = "interrupted", True
             if last:
                 piece += detok.flush()
             step = TokenStep(
