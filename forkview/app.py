@@ -122,6 +122,7 @@ def create_app(*, db_path: str | Path | None = None, model_spec: str = "default"
                params: GenerationParams | None = None, browse_only: bool = False,
                lm: LoadedModel | None = None, open_trace: int | None = None) -> App[None]:
     """The forkview explorer (or, with browse_only, the trace browser; no model)."""
-    store = Store.open(db_path)
+    # Browsing never writes: the committed sample database stays byte-identical.
+    store = Store.open(db_path, readonly=browse_only)
     return ForkviewApp(store, model_spec=model_spec, device=device, dtype=dtype,
                        params=params, browse_only=browse_only, lm=lm, open_trace=open_trace)

@@ -245,7 +245,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from store import Store
     from store.db import iter_export_rows
 
-    store = Store.open(args.db, create=False)
+    store = Store.open(args.db, readonly=True)
     for tid in args.trace or ():
         store.trace(tid)  # every id is checked before anything is written
     rows = iter_export_rows(store, args.trace)
@@ -272,7 +272,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_traces(args: argparse.Namespace) -> int:
     from store import Store
 
-    store = Store.open(args.db, create=False)
+    store = Store.open(args.db, readonly=True)
     infos = store.list_traces(search=args.search, model=args.model_filter, limit=args.limit)
     if args.json:
         out = [
@@ -305,7 +305,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
     from store import Store
 
     db = args.db_file or args.db
-    Store.open(db, create=False).close()
+    Store.open(db, readonly=True).close()
     from forkview.app import create_app
 
     create_app(db_path=db, browse_only=True).run()

@@ -125,8 +125,19 @@ class Store:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | Path | None = None, *, create: bool = True) -> Store:
+    def open(
+        cls, path: str | Path | None = None, *, create: bool = True, readonly: bool = False
+    ) -> Store:
+        """Open (or create) a forkview database.
+
+        `readonly` is for browsing, listing and exporting: the file is opened with
+        SQLite's mode=ro, its journal mode is left as it is and stale traces are not
+        recovered, so looking at a database (e.g. the committed sample) never changes a
+        byte of it. A file from an older schema is still upgraded first.
+        """
         path = Path(path).expanduser() if path else default_db_path()
+        if readonly:
+            create = False
         if path.is_dir():
             raise StoreError(f"{path} is a directory, not a database file")
         exists = path.exists()
@@ -143,6 +154,10 @@ class Store:
             version = 0
         else:
             version = _check_file(path)
+        if readonly:
+            if version < SCHEMA_VERSION:
+                cls.open(path).close()  # upgrade in place, then read
+            return cls(path, _readonly_engine(path))
         engine = create_engine(
             # URL.create, not an f-string URL: "?" or "%" in the path would otherwise be
             # parsed as a query string / escape and another file silently opened.
@@ -401,6 +416,18 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _readonly_engine(path: Path) -> Engine:
+    uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+
+    def connect() -> sqlite3.Connection:
+        con = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+        con.isolation_level = None
+        con.execute("PRAGMA busy_timeout = 60000")
+        return con
+
+    return create_engine("sqlite://", creator=connect)
 
 
 def _install_pragmas(engine: Engine) -> None:

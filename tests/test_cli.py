@@ -314,3 +314,21 @@ def test_signals_keep_tokens_marked_stopped(long_context_model, tmp_path):
         assert len(tokens) == info.n_tokens >= seen[sig]
         assert [t.position for t in tokens] == list(range(len(tokens)))
         assert out.strip() == str(info.id)
+
+
+def test_sample_db_opens_read_only_and_unchanged():
+    import hashlib
+
+    sample = ROOT / "sample_db" / "arith.db"
+    before = hashlib.sha256(sample.read_bytes()).hexdigest()
+    proc = run_cli("traces", "--db", str(sample), "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    traces = json.loads(proc.stdout)
+    assert len(traces) >= 40
+    assert {t["status"] for t in traces} == {"complete"}
+    assert all(t["answer"] for t in traces)
+    greedy = [t for t in traces if t["params"]["temperature"] == 0]
+    sampled = [t for t in traces if t["params"]["temperature"] > 0]
+    assert len(greedy) >= 20 and len(sampled) >= 20
+    assert hashlib.sha256(sample.read_bytes()).hexdigest() == before
+    assert not (ROOT / "sample_db" / "arith.db-wal").exists()

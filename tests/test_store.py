@@ -488,3 +488,49 @@ def test_killed_process_leaves_a_stopped_trace(db_path: Path) -> None:
     assert info.n_tokens == 10
     assert store.tokens(tid) == [make_step(i) for i in range(10)]
     assert store.trace(mine).status == "running"
+
+
+# ------------------------------------------------------------------ read-only opening
+def test_readonly_open_changes_no_byte(tmp_path):
+    """Browsing, listing and exporting must not modify a file (e.g. the committed
+    sample database, kept in rollback-journal mode)."""
+    import hashlib
+    import sqlite3
+
+    db = tmp_path / "sample.db"
+    s = Store.open(db)
+    m = s.upsert_model(name="m", spec="m", kind="object", dtype="float32", device="cpu")
+    p = s.add_prompt("p")
+    s.start_trace(model_id=m, prompt_id=p, prompt_token_ids=[1], params=GenerationParams())
+    s.close()
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA journal_mode = DELETE")
+    con.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    ro = Store.open(db, readonly=True)
+    (info,) = ro.list_traces()
+    assert info.status == "running"  # read-only: no crash recovery either
+    assert ro.tokens(info.id) == []
+    ro.close()
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.db"]
+
+
+def test_readonly_reads_a_wal_file_while_it_is_written(tmp_path):
+    db = tmp_path / "live.db"
+    w = Store.open(db)
+    m = w.upsert_model(name="m", spec="m", kind="object", dtype="float32", device="cpu")
+    tid = w.start_trace(model_id=m, prompt_id=w.add_prompt("p"), prompt_token_ids=[1],
+                        params=GenerationParams())
+    ro = Store.open(db, readonly=True)
+    assert ro.trace(tid).status == "running"
+    with w.writer(tid) as writer:
+        writer.add(TokenStep(0, 5, "x", -0.1, 1, 0.5, 0.0, []))
+    assert ro.trace(tid).status == "complete"
+    assert len(ro.tokens(tid)) == 1
+
+
+def test_readonly_missing_file_is_an_error(tmp_path):
+    with pytest.raises(StoreError, match="database not found"):
+        Store.open(tmp_path / "nope.db", readonly=True)
+    assert not (tmp_path / "nope.db").exists()

@@ -1,0 +1,109 @@
+"""Rebuild sample_db/arith.db: the bundled arithmetic set run through the default model.
+
+    uv run python sample_db/build.py [--out sample_db/arith.db] [--max-new-tokens 160]
+
+For each problem: one greedy trace and one sampled trace (T = 1.0, seed 1000 + index),
+through `forkview.pipeline.annotate_prompt`, the path every front end uses. The file
+is deleted first, so a rebuild on the same machine and library versions gives the
+same tokens (ids, uids and timestamps differ). Takes several minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run as a script from anywhere in the checkout
+
+from forkview.pipeline import annotate_prompt  # noqa: E402
+from forkview.prompt_sets import arith_problems  # noqa: E402
+from models.types import GenerationParams  # noqa: E402
+from store import Store  # noqa: E402
+
+SAMPLE_SEED_BASE = 1000
+SAMPLE_TEMPERATURE = 1.0  # Wang et al. and MI-Peaks analyse T = 1 samples
+
+
+def remove_db(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def finalize(path: Path) -> None:
+    """Make the file self-contained and small: no -wal/-shm companions (the store
+    opens in WAL mode), no build host or pid (they only serve crash recovery of
+    `running` traces, and every trace here is finished), free pages dropped."""
+    con = sqlite3.connect(path)
+    try:
+        con.execute("UPDATE traces SET host = NULL, pid = NULL")
+        con.commit()
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        mode = con.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+        if mode != "delete":
+            raise SystemExit(f"could not switch {path} to journal_mode=DELETE (got {mode})")
+        con.execute("VACUUM")
+    finally:
+        con.close()
+    left = [p for p in (Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
+    if left:
+        raise SystemExit(f"WAL files left behind: {', '.join(map(str, left))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=HERE / "arith.db")
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--problems", type=int, default=20,
+                    help="how many problems of builtin:arith (default 20, from arith-000)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the same on every machine, so "
+                         "float reductions, and hence tokens, don't depend on core count)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from models.loading import load_model
+
+    torch.set_num_threads(args.threads)
+
+    items = arith_problems()[: args.problems]
+    t0 = time.perf_counter()
+    lm = load_model("default", device="cpu", status=lambda m: print(m, flush=True))
+    print(f"loaded {lm.name} in {lm.load_seconds:.1f} s", flush=True)
+
+    out: Path = args.out
+    remove_db(out)
+    store = Store.open(out)
+    n_tokens = 0
+    try:
+        for index, item in enumerate(items):
+            runs = [
+                ("greedy", GenerationParams(max_new_tokens=args.max_new_tokens,
+                                            temperature=0.0)),
+                ("sampled", GenerationParams(max_new_tokens=args.max_new_tokens,
+                                             temperature=SAMPLE_TEMPERATURE,
+                                             seed=SAMPLE_SEED_BASE + index)),
+            ]
+            for label, params in runs:
+                result = annotate_prompt(lm, store, item.prompt, params, answer=item.answer,
+                                         source_set=item.set, source_id=item.id)
+                n_tokens += len(result.steps)
+                print(f"{item.id} {label:7} {len(result.steps):4} tokens "
+                      f"{len(result.steps) / max(result.seconds, 1e-9):5.1f} tok/s "
+                      f"stop={result.stop_reason}", flush=True)
+        count = store.count_traces()
+    finally:
+        store.close()
+    finalize(out)
+    size = out.stat().st_size
+    print(f"wrote {out}: {count} traces, {n_tokens} tokens, {size / 1e6:.2f} MB, "
+          f"{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
