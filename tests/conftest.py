@@ -25,6 +25,20 @@ def tiny_lm(tiny_model_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def long_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a huge context: generation runs until it is stopped, so
+    tests of Esc, Ctrl-C and quitting never race a natural end."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-long"), context=1_000_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_unbounded(long_context_model_dir: Path):
+    from models.loading import load_model
+
+    return load_model(str(long_context_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def real_lm():
     """The embedded SmolLM2-135M, loaded once per test session (integration tests)."""
     from models.loading import load_model

@@ -251,9 +251,9 @@ async def test_model_load_error_is_shown_not_raised(db_path):
     assert app.return_code in (0, None)
 
 
-async def test_escape_stops_generation_and_keeps_tokens(tiny_lm, db_path):
+async def test_escape_stops_generation_and_keeps_tokens(tiny_lm_unbounded, db_path):
     params = GenerationParams(max_new_tokens=100_000)
-    app = create_app(db_path=db_path, lm=tiny_lm, params=params)
+    app = create_app(db_path=db_path, lm=tiny_lm_unbounded, params=params)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = app.screen
         await pilot.press(*"go", "enter")  # the tiny model never stops on "go"
@@ -270,8 +270,8 @@ async def test_escape_stops_generation_and_keeps_tokens(tiny_lm, db_path):
     store.close()
 
 
-async def test_enter_again_restarts_and_keeps_the_first_trace_stopped(tiny_lm, db_path):
-    app = create_app(db_path=db_path, lm=tiny_lm,
+async def test_enter_again_restarts_and_keeps_the_first_trace_stopped(tiny_lm_unbounded, db_path):
+    app = create_app(db_path=db_path, lm=tiny_lm_unbounded,
                      params=GenerationParams(max_new_tokens=100_000))
     async with app.run_test(size=(80, 24)) as pilot:
         screen = app.screen
@@ -289,8 +289,8 @@ async def test_enter_again_restarts_and_keeps_the_first_trace_stopped(tiny_lm, d
     store.close()
 
 
-async def test_quitting_while_generating_saves_trace_stopped(tiny_lm, db_path):
-    app = create_app(db_path=db_path, lm=tiny_lm,
+async def test_quitting_while_generating_saves_trace_stopped(tiny_lm_unbounded, db_path):
+    app = create_app(db_path=db_path, lm=tiny_lm_unbounded,
                      params=GenerationParams(max_new_tokens=100_000))
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press(*"go", "enter")

@@ -253,13 +253,6 @@ def test_python_dash_m_matches_command():
     assert proc.stdout.startswith("forkview ")
 
 
-@pytest.fixture(scope="module")
-def long_context_model(tmp_path_factory) -> Path:
-    from tests.tiny import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-long"), context=1_000_000)
-
-
 def _count_tokens(db: Path) -> int:
     if not db.exists():
         return 0
@@ -272,7 +265,7 @@ def _count_tokens(db: Path) -> int:
         con.close()
 
 
-def test_signals_keep_tokens_marked_stopped(long_context_model, tmp_path):
+def test_signals_keep_tokens_marked_stopped(long_context_model_dir, tmp_path):
     """Ctrl-C (SIGINT) and SIGTERM/SIGHUP mid-generation: the trace keeps its tokens and
     is marked stopped. Both processes run side by side to halve the start-up cost."""
     runs = {}
@@ -280,7 +273,7 @@ def test_signals_keep_tokens_marked_stopped(long_context_model, tmp_path):
         db = tmp_path / f"{sig.name}.db"
         runs[sig] = (db, subprocess.Popen(
             [sys.executable, "-m", "forkview", "annotate", "--prompt", "go on forever",
-             "--model", str(long_context_model), "--db", str(db),
+             "--model", str(long_context_model_dir), "--db", str(db),
              "--max-new-tokens", "900000"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
