@@ -48,6 +48,7 @@ def annotate_prompt(
     params: GenerationParams,
     *,
     answer: str | None = None,
+    solution: str | None = None,
     source_set: str | None = None,
     source_id: str | None = None,
     cancel: threading.Event | None = None,
@@ -66,7 +67,8 @@ def annotate_prompt(
     params = resolve_seed(params)
     trace_id = store.start_trace(
         model_id=model_row_id(store, lm),
-        prompt_id=store.add_prompt(prompt, reference_answer=answer, source_set=source_set,
+        prompt_id=store.add_prompt(prompt, reference_answer=answer,
+                                   reference_solution=solution, source_set=source_set,
                                    source_id=source_id),
         prompt_token_ids=prompt_ids,
         params=params,
@@ -86,4 +88,16 @@ def annotate_prompt(
         result.stop_reason = info.reason or None
         writer.finish(result.status, result.stop_reason)
     result.seconds = time.perf_counter() - t0
+    record_answer(store, trace_id, result.text, answer)
     return result
+
+
+def record_answer(store: Store, trace_id: int, text: str, reference: str | None) -> None:
+    """Store the trace's extracted final answer and, given a reference, whether it is
+    correct (math-verify equivalence; see models.answers)."""
+    from models.answers import extract_answer, is_correct
+
+    got = extract_answer(text)
+    correct = is_correct(text, reference) if (got is not None and reference) else None
+    store.set_answer(trace_id, got.value if got else None, got.method if got else None,
+                     correct)

@@ -1,6 +1,7 @@
 """Rebuild sample_db/arith.db: the bundled arithmetic set run through the default model.
 
     uv run python sample_db/build.py [--out sample_db/arith.db] [--max-new-tokens 160]
+    uv run python sample_db/build.py --update   # keep the traces, redo what derives from them
 
 For each problem: one greedy trace and one sampled trace (T = 1.0, seed 1000 + index),
 through `forkview.pipeline.annotate_prompt`, the path every front end uses. The file
@@ -19,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run as a script from anywhere in the checkout
 
-from forkview.pipeline import annotate_prompt  # noqa: E402
+from forkview.pipeline import annotate_prompt, record_answer  # noqa: E402
 from forkview.prompt_sets import arith_problems  # noqa: E402
 from models.types import GenerationParams  # noqa: E402
 from store import Store  # noqa: E402
@@ -53,6 +54,25 @@ def finalize(path: Path) -> None:
         raise SystemExit(f"WAL files left behind: {', '.join(map(str, left))}")
 
 
+def update(path: Path, items: list) -> None:
+    """Bring an existing file up to date without regenerating its traces: upgrade the
+    schema, attach the worked solutions to the prompts and re-extract the answers."""
+    by_id = {item.id: item for item in items}
+    store = Store.open(path)
+    try:
+        for info in store.list_traces():
+            item = by_id.get(info.source_id or "")
+            if item is not None:
+                store.add_prompt(info.prompt, reference_answer=info.reference_answer,
+                                 reference_solution=item.solution,
+                                 source_set=info.source_set, source_id=info.source_id)
+            record_answer(store, info.id, info.text, info.reference_answer)
+    finally:
+        store.close()
+    finalize(path)
+    print(f"updated {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=HERE / "arith.db")
@@ -62,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: the same on every machine, so "
                          "float reductions, and hence tokens, don't depend on core count)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the traces; upgrade the schema and redo answers and solutions")
     args = ap.parse_args(argv)
+    if args.update:
+        update(args.out, arith_problems())
+        return 0
 
     import torch
 
@@ -90,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for label, params in runs:
                 result = annotate_prompt(lm, store, item.prompt, params, answer=item.answer,
-                                         source_set=item.set, source_id=item.id)
+                                         solution=item.solution, source_set=item.set,
+                                         source_id=item.id)
                 n_tokens += len(result.steps)
                 print(f"{item.id} {label:7} {len(result.steps):4} tokens "
                       f"{len(result.steps) / max(result.seconds, 1e-9):5.1f} tok/s "

@@ -60,8 +60,16 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
         conn.execute(f"ALTER TABLE traces ADD COLUMN {col} {typ}")
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE prompts ADD COLUMN reference_solution VARCHAR")
+    for col, typ in (("answer", "VARCHAR"), ("answer_method", "VARCHAR"),
+                     ("correct", "BOOLEAN")):
+        conn.execute(f"ALTER TABLE traces ADD COLUMN {col} {typ}")
+    # mi_runs and mi_values are new tables: create_all makes them after the upgrade.
+
+
 # MIGRATIONS[n] upgrades a file from schema n to n + 1.
-MIGRATIONS = {1: _migrate_1_to_2}
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 @dataclass
@@ -86,6 +94,27 @@ class TraceInfo:
     prompt_token_ids: list[int]
     params: GenerationParams
     error: str | None
+    answer: str | None = None
+    answer_method: str | None = None
+    correct: bool | None = None
+    reference_solution: str | None = None
+    source_set: str | None = None
+    source_id: str | None = None
+    model_id: int | None = None
+
+
+@dataclass
+class MIRunInfo:
+    id: int
+    trace_id: int
+    estimator: str
+    params: dict[str, Any]
+    info: dict[str, Any]
+    status: str
+    error: str | None
+    created_at: str
+    finished_at: str | None
+    n_values: int
 
 
 def _check_file(path: Path) -> int:
@@ -269,6 +298,7 @@ class Store:
         text_: str,
         *,
         reference_answer: str | None = None,
+        reference_solution: str | None = None,
         source_set: str | None = None,
         source_id: str | None = None,
     ) -> int:
@@ -284,8 +314,13 @@ class Store:
                 )
             ).first()
             if found is not None:
+                if reference_solution and not found.reference_solution:
+                    found.reference_solution = reference_solution
+                    s.add(found)
+                    s.commit()
                 return int(found.id)  # type: ignore[arg-type]
             row = PromptRow(text=text_, reference_answer=reference_answer,
+                            reference_solution=reference_solution,
                             source_set=source_set, source_id=source_id, created_at=now_iso())
             s.add(row)
             s.commit()
@@ -363,7 +398,8 @@ class Store:
             "p.reference_answer, t.text, t.n_tokens, t.started_at, t.finished_at, "
             "t.tokens_per_second, t.parent_trace_id, t.fork_position, t.prompt_token_ids, "
             "t.max_new_tokens, t.temperature, t.top_p, t.top_k, t.seed, t.stop, "
-            "t.top_alternatives, t.raw, t.error "
+            "t.top_alternatives, t.raw, t.error, t.answer, t.answer_method, t.correct, "
+            "p.reference_solution, p.source_set, p.source_id, t.model_id "
             "FROM traces t JOIN models m ON m.id = t.model_id "
             "JOIN prompts p ON p.id = t.prompt_id " + clause
         )
@@ -382,6 +418,9 @@ class Store:
                 n_tokens=r[9] or 0, started_at=r[10], finished_at=r[11],
                 tokens_per_second=r[12], parent_trace_id=r[13], fork_position=r[14],
                 prompt_token_ids=json.loads(r[15]), params=params, error=r[24],
+                answer=r[25], answer_method=r[26],
+                correct=None if r[27] is None else bool(r[27]), reference_solution=r[28],
+                source_set=r[29], source_id=r[30], model_id=r[31],
             ))
         return out
 
@@ -401,9 +440,118 @@ class Store:
             for r in rows
         ]
 
+    # ------------------------------------------------------------------ answers and MI
+    def set_answer(self, trace_id: int, answer: str | None, method: str | None,
+                   correct: bool | None) -> None:
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE traces SET answer = ?, answer_method = ?, correct = ? WHERE id = ?",
+                (answer, method, correct, int(trace_id)),
+            )
+
+    def open_mi_run(self, trace_id: int, estimator: str, params: dict[str, Any],
+                    model_id: int | None = None) -> tuple[int, set[int]]:
+        """The run for this trace, estimator and exact parameter set (made if new), and
+        the positions it already has values for: an interrupted run resumes."""
+        key = canonical_json(params)
+        with self.engine.begin() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT id FROM mi_runs WHERE trace_id = ? AND estimator = ? AND params = ?",
+                (int(trace_id), estimator, key),
+            ).fetchone()
+            if row is None:
+                run_id = conn.exec_driver_sql(
+                    "INSERT INTO mi_runs (trace_id, estimator, params, info, model_id, status, "
+                    "created_at) VALUES (?, ?, ?, '{}', ?, 'running', ?) RETURNING id",
+                    (int(trace_id), estimator, key, model_id, now_iso()),
+                ).scalar_one()
+                done: set[int] = set()
+            else:
+                run_id = row[0]
+                conn.exec_driver_sql(
+                    "UPDATE mi_runs SET status = 'running', error = NULL WHERE id = ? "
+                    "AND status != 'complete'", (run_id,),
+                )
+                done = {r[0] for r in conn.exec_driver_sql(
+                    "SELECT position FROM mi_values WHERE run_id = ?", (run_id,))}
+        return int(run_id), done
+
+    def add_mi_values(self, run_id: int,
+                      values: Iterable[tuple[int, float | None, Any]]) -> None:
+        """(position, value, detail) triples; detail is stored as JSON (or NULL)."""
+        rows = [
+            (run_id, int(pos), None if v is None else float(v),
+             None if d is None else json.dumps(d, ensure_ascii=False))
+            for pos, v, d in values
+        ]
+        if not rows:
+            return
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT OR REPLACE INTO mi_values (run_id, position, value, detail) "
+                "VALUES (?, ?, ?, ?)", rows,
+            )
+
+    def finish_mi_run(self, run_id: int, status: str, *, info: dict[str, Any] | None = None,
+                      error: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            if info is not None:
+                conn.exec_driver_sql("UPDATE mi_runs SET info = ? WHERE id = ?",
+                                     (json.dumps(info, ensure_ascii=False, default=str),
+                                      run_id))
+            conn.exec_driver_sql(
+                "UPDATE mi_runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                (status, error, now_iso(), run_id),
+            )
+
+    def mi_runs(self, trace_id: int) -> list[MIRunInfo]:
+        """The trace's MI runs, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT r.id, r.trace_id, r.estimator, r.params, r.info, r.status, r.error, "
+                "r.created_at, r.finished_at, (SELECT COUNT(*) FROM mi_values v "
+                "WHERE v.run_id = r.id) FROM mi_runs r WHERE r.trace_id = ? ORDER BY r.id",
+                (int(trace_id),),
+            ).fetchall()
+        return [
+            MIRunInfo(id=r[0], trace_id=r[1], estimator=r[2], params=json.loads(r[3]),
+                      info=json.loads(r[4] or "{}"), status=r[5], error=r[6],
+                      created_at=r[7], finished_at=r[8], n_values=r[9])
+            for r in rows
+        ]
+
+    def mi_values(self, run_id: int) -> dict[int, float | None]:
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT position, value FROM mi_values WHERE run_id = ? ORDER BY position",
+                (int(run_id),),
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def mi_details(self, run_id: int) -> dict[int, Any]:
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT position, detail FROM mi_values WHERE run_id = ? AND detail IS NOT NULL",
+                (int(run_id),),
+            ).fetchall()
+        return {r[0]: json.loads(r[1]) for r in rows}
+
+    def latest_mi(self, trace_id: int) -> dict[str, dict[int, float | None]]:
+        """Estimator name -> values of its most recent run on this trace."""
+        latest: dict[str, MIRunInfo] = {}
+        for run in self.mi_runs(trace_id):
+            latest[run.estimator] = run
+        return {name: self.mi_values(run.id) for name, run in latest.items()}
+
     def count_traces(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.exec_driver_sql("SELECT COUNT(*) FROM traces").scalar() or 0)
+
+
+def canonical_json(obj: Any) -> str:
+    """One spelling per parameter set, so equal parameters find the same run."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -9,12 +9,14 @@ log-probabilities are in nats.
 
 from __future__ import annotations
 
-from sqlalchemy import Column, ForeignKey, Index, Integer, Text
+from sqlalchemy import Column, ForeignKey, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Version 1: first release layout. Version 2 added traces.stop_reason,
-# traces.tokens_per_second, traces.host and traces.pid (crash recovery).
-SCHEMA_VERSION = 2
+# traces.tokens_per_second, traces.host and traces.pid (crash recovery). Version 3 added
+# prompts.reference_solution, traces.answer/answer_method/correct and the MI tables
+# mi_runs and mi_values.
+SCHEMA_VERSION = 3
 
 STATUSES = ("running", "complete", "stopped", "failed")
 
@@ -46,6 +48,7 @@ class PromptRow(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     text: str
     reference_answer: str | None = None
+    reference_solution: str | None = None  # worked solution text (MI-Peaks' h_y input)
     source_set: str | None = None  # e.g. "arith"
     source_id: str | None = None  # id within the set
     created_at: str
@@ -88,6 +91,9 @@ class TraceRow(SQLModel, table=True):
     host: str | None = None
     pid: int | None = None
     forkview_version: str
+    answer: str | None = None  # final answer extracted from text
+    answer_method: str | None = None  # extractor that found it (boxed, final_answer, ...)
+    correct: bool | None = None  # answer equivalent to the prompt's reference answer
 
 
 class TokenRow(SQLModel, table=True):
@@ -104,3 +110,46 @@ class TokenRow(SQLModel, table=True):
     entropy: float  # nats, full vocabulary, T = 1
     sampling_entropy: float  # nats, distribution actually sampled from
     top: str = Field(sa_column=Column(Text, nullable=False))  # JSON [{token_id,text,prob}]
+
+
+class MIRunRow(SQLModel, table=True):
+    """One estimator with one full parameter set applied to one trace.
+
+    Re-running with other parameters makes another run, so both sets of values are
+    kept; re-running with the same parameters resumes this one.
+    """
+
+    __tablename__ = "mi_runs"
+    __table_args__ = (
+        UniqueConstraint("trace_id", "estimator", "params", name="uq_mi_runs_params"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    trace_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("traces.id", ondelete="CASCADE"), nullable=False,
+                         index=True)
+    )
+    estimator: str  # hsic | answer-gain | rollout | ...
+    params: str  # canonical JSON (sorted keys) of the full parameter set
+    info: str = "{}"  # JSON: what the run found (e.g. self_reference, sigma_y, model)
+    model_id: int | None = Field(
+        default=None, sa_column=Column(Integer, ForeignKey("models.id"), nullable=True)
+    )
+    status: str  # running | complete | stopped | failed
+    error: str | None = None
+    created_at: str
+    finished_at: str | None = None
+
+
+class MIValueRow(SQLModel, table=True):
+    """The value of one run at one token; aligned with tokens.position (the value at t
+    belongs to the forward step that emitted token t)."""
+
+    __tablename__ = "mi_values"
+
+    run_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("mi_runs.id", ondelete="CASCADE"), primary_key=True)
+    )
+    position: int = Field(primary_key=True)
+    value: float | None = None  # nats for answer-gain and rollout; HSIC score for hsic
+    detail: str | None = None  # JSON, e.g. a rollout's answer distribution per alternative

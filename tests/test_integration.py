@@ -241,3 +241,22 @@ def test_real_model_hidden_state_is_before_the_final_norm(real_lm) -> None:
         assert not torch.allclose(h, post[row], rtol=1e-2, atol=1e-2)
         with torch.inference_mode():
             assert torch.allclose(model.model.norm(h), post[row], rtol=1e-4, atol=1e-3)
+
+
+def test_pipeline_records_answer_and_correctness(tiny_lm, db_path):
+    from forkview.pipeline import annotate_prompt, record_answer
+
+    store = Store.open(db_path)
+    result = annotate_prompt(tiny_lm, store, "What is 2 + 2?", GenerationParams(max_new_tokens=8),
+                             answer="4", solution="2 + 2 = 4. Final answer: 4")
+    info = store.trace(result.trace_id)
+    assert info.reference_solution == "2 + 2 = 4. Final answer: 4"
+    # The random model's text decides what is extracted; the rule itself is checked here.
+    record_answer(store, result.trace_id, "so 2 + 2 = 4.\n#### 4", "4")
+    info = store.trace(result.trace_id)
+    assert (info.answer, info.answer_method, info.correct) == ("4", "final_answer", True)
+    record_answer(store, result.trace_id, "I think it is 5", "4")
+    assert store.trace(result.trace_id).correct is False
+    record_answer(store, result.trace_id, "no idea", "4")
+    info = store.trace(result.trace_id)
+    assert info.answer is None and info.correct is None

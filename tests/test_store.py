@@ -216,9 +216,13 @@ def test_v1_file_is_upgraded_and_keeps_data(db_path: Path) -> None:
     build_v1(db_path)
     assert sql(db_path, "PRAGMA user_version") == [(1,)]
     store = Store.open(db_path)
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     cols = {r[1] for r in sql(db_path, "PRAGMA table_info(traces)")}
-    assert {"stop_reason", "tokens_per_second", "host", "pid"} <= cols
+    assert {"stop_reason", "tokens_per_second", "host", "pid", "answer", "answer_method",
+            "correct"} <= cols
+    assert "reference_solution" in {r[1] for r in sql(db_path, "PRAGMA table_info(prompts)")}
+    tables = {r[0] for r in sql(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"mi_runs", "mi_values"} <= tables
     assert sql(db_path, "SELECT value FROM meta WHERE key='upgraded_from'") == [("1",)]
 
     old = store.trace(1)
@@ -534,3 +538,42 @@ def test_readonly_missing_file_is_an_error(tmp_path):
     with pytest.raises(StoreError, match="database not found"):
         Store.open(tmp_path / "nope.db", readonly=True)
     assert not (tmp_path / "nope.db").exists()
+
+
+# ------------------------------------------------------------------ MI runs and answers
+def _one_trace(store: Store) -> int:
+    m = store.upsert_model(name="m", spec="m", kind="object", dtype="float32", device="cpu")
+    return store.start_trace(model_id=m, prompt_id=store.add_prompt("p"),
+                             prompt_token_ids=[1], params=GenerationParams())
+
+
+def test_mi_runs_keep_each_parameter_set_and_resume(db_path: Path) -> None:
+    store = Store.open(db_path)
+    tid = _one_trace(store)
+    run, done = store.open_mi_run(tid, "hsic", {"sigma": 50.0, "layer": -1})
+    assert done == set()
+    store.add_mi_values(run, [(0, 0.5, None), (1, None, {"why": "skipped"})])
+    # Same parameters in another key order: the same run, resuming after 0 and 1.
+    again, done = store.open_mi_run(tid, "hsic", {"layer": -1, "sigma": 50.0})
+    assert again == run and done == {0, 1}
+    other, done = store.open_mi_run(tid, "hsic", {"sigma": "median", "layer": -1})
+    assert other != run and done == set()
+    store.add_mi_values(other, [(0, 0.25, None)])
+    store.finish_mi_run(run, "complete", info={"self_reference": True})
+    runs = store.mi_runs(tid)
+    assert [(r.estimator, r.params["sigma"], r.status, r.n_values) for r in runs] == [
+        ("hsic", 50.0, "complete", 2), ("hsic", "median", "running", 1)]
+    assert runs[0].info == {"self_reference": True}
+    assert store.mi_values(run) == {0: 0.5, 1: None}
+    assert store.mi_details(run) == {1: {"why": "skipped"}}
+    assert store.latest_mi(tid) == {"hsic": {0: 0.25}}
+
+
+def test_answers_are_stored_per_trace(db_path: Path) -> None:
+    store = Store.open(db_path)
+    tid = _one_trace(store)
+    store.set_answer(tid, "15", "final_answer", True)
+    info = store.trace(tid)
+    assert (info.answer, info.answer_method, info.correct) == ("15", "final_answer", True)
+    pid = store.add_prompt("q", reference_answer="3", reference_solution="1 + 2 = 3")
+    assert store.add_prompt("q", reference_answer="3") == pid
