@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt", required=True, help="the prompt text")
     a.add_argument("--answer", default=None, metavar="REF", help="reference answer")
     a.add_argument("--json", action="store_true", help="print the trace as one JSON object")
+    a.add_argument("--mi", default="", metavar="NAMES",
+                   help="MI estimators to run right after generation, e.g. hsic,answer-gain")
     _model_options(a)
     _db_option(a)
     _generation_options(a)
@@ -124,6 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace id (repeatable; default: all traces)")
     e.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     e.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+
+    m = sub.add_parser("mi", help="compute an MI estimator on saved traces (resumable)")
+    _db_option(m)
+    sel = m.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--trace", type=int, action="append", metavar="ID", help="repeatable")
+    sel.add_argument("--all", action="store_true", help="every finished trace")
+    m.add_argument("--estimator", required=True, metavar="NAME",
+                   help="hsic, answer-gain or rollout")
+    m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="estimator parameter (repeatable), e.g. bandwidth=median")
+    m.add_argument("--positions", default=None, metavar="SPEC",
+                   help="all, stratified or P1,P2,... (default: the estimator's own)")
+    m.add_argument("--samples", type=_positive_int, default=None, metavar="S",
+                   help="continuations per alternative (rollout)")
+    m.add_argument("--model", dest="mi_model", default=None, metavar="SPEC",
+                   help="model to use (default: the model that made each trace)")
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    m.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"])
 
     t = sub.add_parser("traces", help="list saved traces, newest first")
     _db_option(t)
@@ -176,6 +197,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
     params = _params(args)
+    estimators = _estimators([n for n in args.mi.split(",") if n.strip()], [])
     store = Store.open(args.db)  # fail on a bad database before spending time on the model
     from forkview.pipeline import annotate_prompt
     from models.loading import load_model
@@ -199,6 +221,16 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         return 130
     if show is not None:
         print(file=sys.stderr)
+    mi: dict[str, dict[int, float | None]] = {}
+    if estimators:
+        from forkview.mi import run_estimator
+        from forkview.pipeline import model_row_id
+
+        for est in estimators:
+            if not quiet:
+                _status(f"computing {est.name}...")
+            run_estimator(lm, store, result.trace_id, est, model_id=model_row_id(store, lm))
+        mi = store.latest_mi(result.trace_id)
     if args.json:
         info = store.trace(result.trace_id)
         out = {
@@ -208,19 +240,85 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             "device": lm.device,
             "dtype": lm.dtype,
             "prompt": args.prompt,
-            "answer": args.answer,
+            "reference_answer": args.answer,
             "prompt_token_ids": result.prompt_ids,
             "params": result.params.to_json(),
             "status": info.status,
             "stop_reason": info.stop_reason,
             "text": result.text,
-            "tokens": [s.to_json() for s in result.steps],
+            "answer": info.answer,
+            "correct": info.correct,
+            "tokens": [_with_mi(s.to_json(), mi) for s in result.steps],
         }
         json.dump(out, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
         print(result.trace_id)
     return 0
+
+
+def _with_mi(token: dict[str, Any], mi: dict[str, dict[int, float | None]]) -> dict[str, Any]:
+    if mi:
+        token["mi"] = {name: values.get(token["position"]) for name, values in mi.items()}
+    return token
+
+
+def _estimators(names: Sequence[str], params: Sequence[str]) -> list[Any]:
+    """Estimator objects, validated before any model is loaded."""
+    from models.estimators import get_estimator, parse_params
+
+    out = []
+    for name in names:
+        name = name.strip()
+        out.append(get_estimator(name, parse_params(name, params)))
+    return out
+
+
+def cmd_mi(args: argparse.Namespace) -> int:
+    from forkview.mi import resolve_positions, run_estimator, trace_data
+    from forkview.pipeline import model_row_id
+    from models.loading import load_model
+    from store import Store
+
+    params = list(args.param)
+    if args.samples is not None:
+        params.append(f"samples={args.samples}")
+    (est,) = _estimators([args.estimator], params)
+    store = Store.open(args.db, create=False)
+    infos = ([store.trace(t) for t in args.trace] if args.trace
+             else [t for t in reversed(store.list_traces()) if t.status != "running"])
+    if not infos:
+        raise UsageError("no traces to annotate")
+    for info in infos:  # every position spec is checked before any model is loaded
+        resolve_positions(args.positions, est.default_positions,
+                          trace_data(store, info.id).entropies)
+    by_spec: dict[str, list[Any]] = {}
+    for info in infos:
+        by_spec.setdefault(args.mi_model or info.model_spec, []).append(info)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeRemainingColumn(), transient=False,
+                  console=_stderr_console()) as bar:
+        for spec, group in by_spec.items():
+            lm = load_model(spec, args.device, args.dtype)
+            model_id = model_row_id(store, lm)
+            for info in group:
+                task = bar.add_task(f"trace {info.id} {est.name}", total=None)
+                summary = run_estimator(
+                    lm, store, info.id, est, args.positions, model_id=model_id,
+                    progress=lambda done, total, task=task: bar.update(
+                        task, completed=done, total=total),
+                )
+                bar.update(task, description=f"trace {info.id} {est.name} "
+                           f"run {summary.run_id} {summary.status}")
+    return 0
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _token_printer():
@@ -250,7 +348,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         store.trace(tid)  # every id is checked before anything is written
     rows = iter_export_rows(store, args.trace)
     fields = ["trace_id", "position", "token_id", "text", "logprob", "rank", "entropy",
-              "sampling_entropy", "top"]
+              "sampling_entropy", "top", "mi", "answer", "correct"]
     target = (
         open(args.output, "w", newline="", encoding="utf-8")  # noqa: SIM115 (with below)
         if args.output
@@ -265,6 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             w.writeheader()
             for row in rows:
                 row["top"] = json.dumps(row["top"], ensure_ascii=False)
+                row["mi"] = json.dumps(row["mi"], ensure_ascii=False)
                 w.writerow(row)
     return 0
 
@@ -279,7 +378,8 @@ def cmd_traces(args: argparse.Namespace) -> int:
             {
                 "trace_id": t.id, "uid": t.uid, "status": t.status, "stop_reason": t.stop_reason,
                 "model": t.model_name, "model_spec": t.model_spec, "prompt": t.prompt,
-                "answer": t.reference_answer, "n_tokens": t.n_tokens, "text": t.text,
+                "reference_answer": t.reference_answer, "answer": t.answer,
+                "correct": t.correct, "n_tokens": t.n_tokens, "text": t.text,
                 "started_at": t.started_at, "finished_at": t.finished_at,
                 "tokens_per_second": t.tokens_per_second,
                 "parent_trace_id": t.parent_trace_id, "fork_position": t.fork_position,
@@ -335,6 +435,7 @@ COMMANDS = {
     "browse": cmd_browse,
     "annotate": cmd_annotate,
     "export": cmd_export,
+    "mi": cmd_mi,
     "traces": cmd_traces,
 }
 

@@ -693,9 +693,14 @@ def iter_export_rows(store: Store, trace_ids: Sequence[int] | None) -> Iterator[
     """One dict per token, in trace then position order (the export contract)."""
     ids = list(trace_ids) if trace_ids else [t.id for t in reversed(store.list_traces())]
     for tid in ids:
-        store.trace(tid)  # clear error for unknown ids
+        info = store.trace(tid)  # clear error for unknown ids
+        mi = store.latest_mi(tid)
         for step in store.tokens(tid):
             row = {"trace_id": tid}
             row.update(step.to_json())
+            # Latest run of each estimator on this trace; null where it has no value.
+            row["mi"] = {name: values.get(step.position) for name, values in mi.items()}
+            row["answer"] = info.answer
+            row["correct"] = info.correct
             yield row
 

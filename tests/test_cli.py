@@ -110,7 +110,8 @@ def test_export_jsonl_and_csv(tiny_model_dir, db_path, capsys, tmp_path):
     rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert [r["trace_id"] for r in rows] == [b["trace_id"]] * len(b["tokens"])
     for row, tok in zip(rows, b["tokens"], strict=True):
-        assert row == {"trace_id": b["trace_id"], **tok}
+        assert row == {"trace_id": b["trace_id"], **tok, "mi": {}, "answer": b["answer"],
+                       "correct": b["correct"]}
 
     out_file = tmp_path / "all.csv"
     assert main(["export", "--db", str(db_path), "--format", "csv", "-o", str(out_file)]) == 0
@@ -319,7 +320,7 @@ def test_sample_db_opens_read_only_and_unchanged():
     traces = json.loads(proc.stdout)
     assert len(traces) >= 40
     assert {t["status"] for t in traces} == {"complete"}
-    assert all(t["answer"] for t in traces)
+    assert all(t["reference_answer"] for t in traces)
     greedy = [t for t in traces if t["params"]["temperature"] == 0]
     sampled = [t for t in traces if t["params"]["temperature"] > 0]
     assert len(greedy) >= 20 and len(sampled) >= 20

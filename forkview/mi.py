@@ -1,0 +1,123 @@
+"""Saved trace -> MI estimator -> store: the path `forkview mi`, `annotate --mi` and the
+explorer share. No Textual here.
+
+Each (trace, estimator, full parameter set) is one run in `mi_runs`; values are stored
+chunk by chunk as the estimator yields them, so an interrupted run resumes where it
+stopped and finished positions are never recomputed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from models.errors import ModelError
+from store import Store
+
+if TYPE_CHECKING:
+    from models.estimators import Estimator, TraceData
+    from models.loading import LoadedModel
+
+
+@dataclass
+class MIRunSummary:
+    run_id: int
+    trace_id: int
+    estimator: str
+    positions: list[int]  # all positions this run covers
+    computed: int  # computed now (the rest were stored by an earlier run)
+    status: str
+
+
+def trace_data(store: Store, trace_id: int) -> TraceData:
+    from models.estimators import TraceData
+
+    info = store.trace(trace_id)
+    tokens = store.tokens(trace_id)
+    if not tokens:
+        raise ModelError(f"trace {trace_id} has no tokens")
+    if info.status == "running":
+        raise ModelError(f"trace {trace_id} is still running")
+    return TraceData(
+        prompt_ids=info.prompt_token_ids,
+        token_ids=[t.token_id for t in tokens],
+        entropies=[t.entropy for t in tokens],
+        text=info.text,
+        reference_answer=info.reference_answer,
+        reference_solution=info.reference_solution,
+    )
+
+
+def resolve_positions(spec: str | Sequence[int] | None, default: str,
+                      entropies: Sequence[float], seed: int = 0) -> list[int]:
+    """`all`, `stratified` (every top-20% entropy position plus as many seeded random
+    low-entropy controls) or explicit positions; None means the estimator's default."""
+    n = len(entropies)
+    if spec is None:
+        spec = default
+    if isinstance(spec, str):
+        if spec == "all":
+            return list(range(n))
+        if spec == "stratified":
+            from models.rollout import stratified_positions
+
+            return sorted(stratified_positions(list(entropies), seed=seed))
+        try:
+            spec = [int(p) for p in spec.split(",") if p.strip()]
+        except ValueError:
+            raise ModelError(
+                f"bad positions '{spec}': use all, stratified or a list like 0,5,9"
+            ) from None
+    bad = [p for p in spec if not 0 <= p < n]
+    if bad:
+        raise ModelError(f"position {bad[0]} is out of range (the trace has {n} tokens, "
+                         f"positions 0..{n - 1})")
+    return sorted(set(spec))
+
+
+def run_estimator(
+    lm: LoadedModel,
+    store: Store,
+    trace_id: int,
+    estimator: Estimator,
+    positions: str | Sequence[int] | None = None,
+    *,
+    model_id: int | None = None,
+    cancel: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MIRunSummary:
+    """Compute (or finish) one estimator run on one saved trace."""
+    data = trace_data(store, trace_id)
+    wanted = resolve_positions(positions, estimator.default_positions, data.entropies)
+    run_id, done = store.open_mi_run(trace_id, estimator.name, estimator.params, model_id)
+    todo = [p for p in wanted if p not in done]
+    finished = len(wanted) - len(todo)
+    if progress:
+        progress(finished, len(wanted))
+    info: dict[str, Any] = {}
+    status = "complete"
+    try:
+        for chunk in estimator.run(lm, data, todo):
+            store.add_mi_values(
+                run_id,
+                [(pos, val, chunk.details.get(pos)) for pos, val in chunk.values.items()],
+            )
+            info.update(chunk.info)
+            finished += len(chunk.values)
+            if progress:
+                progress(finished, len(wanted))
+            if cancel is not None and cancel.is_set():
+                status = "stopped"
+                break
+    except KeyboardInterrupt:
+        store.finish_mi_run(run_id, "stopped", info=info or None)
+        raise
+    except Exception as e:
+        store.finish_mi_run(run_id, "failed", info=info or None, error=str(e))
+        raise
+    if status == "complete" and finished < len(wanted):
+        status = "stopped"
+    store.finish_mi_run(run_id, status, info=info or None)
+    return MIRunSummary(run_id, trace_id, estimator.name, wanted, len(todo), status)

@@ -1,0 +1,56 @@
+"""`answer-gain`: pointwise information gain of each token about the answer,
+g_t = log p(a | x_<=t, cue) - log p(a | x_<t, cue), teacher-forced (science.md §4;
+the computation, with KV-cache reuse, lives in models/answer_gain.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+from models.errors import ModelError
+from models.estimators.base import Estimator, EstimatorChunk, TraceData, register
+from models.estimators.hsic import pick_reference
+
+
+@register
+class AnswerGainEstimator(Estimator):
+    name = "answer-gain"
+    needs = frozenset({"reference"})
+    defaults: ClassVar[dict[str, Any]] = {
+        "cue": "\nFinal answer: ",
+        "stride": 1,
+        "reference": "auto",  # auto | answer | self (a worked solution is no answer)
+    }
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        if int(params["stride"]) < 1:
+            raise ModelError(f"stride must be at least 1, got {params['stride']}")
+        if params["reference"] not in ("auto", "answer", "self"):
+            raise ModelError(f"reference must be auto, answer or self, "
+                             f"got '{params['reference']}'")
+        params["cue"] = str(params["cue"]).replace("\\n", "\n")
+        return params
+
+    def run(self, lm: Any, trace: TraceData, positions: Sequence[int]) -> Iterator[EstimatorChunk]:
+        from models.answer_gain import answer_gain
+
+        if not positions:
+            return
+        p = self.params
+        # The reference *answer* (never the worked solution) is what is forced.
+        stripped = TraceData(trace.prompt_ids, trace.token_ids, trace.entropies, trace.text,
+                             reference_answer=trace.reference_answer)
+        answer, kind = pick_reference(stripped, p["reference"])
+        all_positions = len(positions) == len(trace.token_ids)
+        result = answer_gain(
+            lm, trace.prompt_ids, trace.token_ids, answer, cue=p["cue"],
+            stride=int(p["stride"]),
+            positions=None if (all_positions or int(p["stride"]) > 1) else sorted(positions),
+        )
+        wanted = set(positions)
+        info = dict(result.params)
+        info.update(reference_kind=kind, self_reference=kind == "self")
+        yield EstimatorChunk(
+            values={t: v for t, v in enumerate(result.values) if t in wanted},
+            info=info,
+        )

@@ -1,0 +1,170 @@
+"""MI estimators wired to saved traces: registry, parameters, storage, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from forkview.cli import main
+from forkview.mi import resolve_positions, run_estimator, trace_data
+from forkview.pipeline import annotate_prompt
+from models.errors import ModelError
+from models.estimators import REGISTRY, get_estimator, parse_params
+from models.hsic import hsic_direct
+from models.types import GenerationParams
+from store import Store
+
+
+@pytest.fixture
+def saved_trace(tiny_lm, db_path):
+    store = Store.open(db_path)
+    result = annotate_prompt(tiny_lm, store, "What is 3 + 5?", GenerationParams(max_new_tokens=24),
+                             answer="8", solution="3 + 5 = 8. The answer is 8.")
+    return store, result.trace_id
+
+
+def test_registry_and_parameters():
+    assert {"hsic", "answer-gain"} <= set(REGISTRY)
+    assert parse_params("hsic", ["bandwidth=median", "layer=0", "normalised=false"]) == {
+        "bandwidth": "median", "layer": 0, "normalised": False}
+    assert get_estimator("hsic", {"bandwidth": 10.0}).params["bandwidth"] == 10.0
+    with pytest.raises(ModelError, match="unknown estimator 'nope'"):
+        get_estimator("nope")
+    with pytest.raises(ModelError, match="unknown parameter 'sigmaa' for hsic"):
+        parse_params("hsic", ["sigmaa=3"])
+    with pytest.raises(ModelError, match="bandwidth must be a positive number or 'median'"):
+        get_estimator("hsic", parse_params("hsic", ["bandwidth=wide"]))
+    with pytest.raises(ModelError, match="use key=value"):
+        parse_params("hsic", ["bandwidth"])
+    with pytest.raises(ModelError, match="stride must be at least 1"):
+        get_estimator("answer-gain", {"stride": 0})
+
+
+def test_positions():
+    ent = [0.1, 2.0, 0.0, 3.0, 0.2]
+    assert resolve_positions("all", "all", ent) == [0, 1, 2, 3, 4]
+    assert resolve_positions("3,1,1", "all", ent) == [1, 3]
+    assert resolve_positions(None, "all", ent) == [0, 1, 2, 3, 4]
+    with pytest.raises(ModelError, match="position 5 is out of range"):
+        resolve_positions("5", "all", ent)
+    with pytest.raises(ModelError, match="bad positions"):
+        resolve_positions("x,y", "all", ent)
+
+
+def test_hsic_values_equal_the_published_formula(saved_trace, tiny_lm):
+    """Stored values equal a direct transcription of MI-Peaks' estimator applied to the
+    states a plain forward pass gives (last layer before the final norm, at the step
+    that emits each token; h_y from one pass over the reference solution)."""
+    store, tid = saved_trace
+    est = get_estimator("hsic", {"bandwidth": 1.0})
+    summary = run_estimator(tiny_lm, store, tid, est)
+    assert summary.status == "complete"
+    data = trace_data(store, tid)
+    ids = data.prompt_ids + data.token_ids
+    ref_ids = tiny_lm.tokenizer(data.reference_solution)["input_ids"]
+    pre_norm = _last_layer_output(tiny_lm, ids)
+    h_y = _last_layer_output(tiny_lm, ref_ids)[-1]
+    p = len(data.prompt_ids)
+    values = store.mi_values(summary.run_id)
+    for t in range(len(data.token_ids)):
+        expected = hsic_direct(pre_norm[p - 1 + t], h_y, sigma=1.0)
+        assert values[t] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    (run,) = store.mi_runs(tid)
+    assert run.params == est.params
+    assert run.info["reference_kind"] == "solution" and run.info["self_reference"] is False
+    assert run.info["sigma"] == 1.0 and run.info["eps"] == 1e-5
+
+
+def _last_layer_output(lm, ids):
+    import torch
+
+    captured = []
+    handle = lm.model.model.layers[-1].register_forward_hook(
+        lambda _m, _i, o: captured.append((o[0] if isinstance(o, tuple) else o)[0]))
+    try:
+        with torch.inference_mode():
+            lm.model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return captured[0].double().numpy()
+
+
+def test_rerun_resumes_and_other_params_keep_both(saved_trace, tiny_lm):
+    store, tid = saved_trace
+    first = run_estimator(tiny_lm, store, tid, get_estimator("hsic"), "0,1,2")
+    assert first.computed == 3
+    again = run_estimator(tiny_lm, store, tid, get_estimator("hsic"), "all")
+    assert again.run_id == first.run_id
+    assert again.computed == len(again.positions) - 3  # finished positions kept
+    other = run_estimator(tiny_lm, store, tid, get_estimator("hsic", {"bandwidth": "median"}))
+    assert other.run_id != first.run_id
+    runs = store.mi_runs(tid)
+    assert [r.params["bandwidth"] for r in runs] == [50.0, "median"]
+    assert all(r.status == "complete" for r in runs)
+    assert store.mi_details(other.run_id)[0]["sigma_x"] > 0  # the per-token sigma is kept
+
+
+def test_self_reference_is_flagged_and_missing_answer_is_an_error(tiny_lm, db_path):
+    store = Store.open(db_path)
+    tid = annotate_prompt(tiny_lm, store, "hello", GenerationParams(max_new_tokens=6)).trace_id
+    data = trace_data(store, tid)
+    est = get_estimator("hsic", {"reference": "self"})
+    if any(ch.isdigit() for ch in data.text):
+        summary = run_estimator(tiny_lm, store, tid, est)
+        assert store.mi_runs(tid)[-1].info["self_reference"] is True
+        assert summary.status == "complete"
+    else:
+        with pytest.raises(ModelError, match="no answer extractable"):
+            run_estimator(tiny_lm, store, tid, est)
+        assert store.mi_runs(tid)[-1].status == "failed"
+
+
+def test_answer_gain_runs_on_a_saved_trace(saved_trace, tiny_lm):
+    store, tid = saved_trace
+    summary = run_estimator(tiny_lm, store, tid, get_estimator("answer-gain"))
+    values = store.mi_values(summary.run_id)
+    assert len(values) == len(trace_data(store, tid).token_ids)
+    assert all(v is not None and np.isfinite(v) for v in values.values())
+    (run,) = store.mi_runs(tid)
+    assert run.info["answer"] == "8" and run.info["self_reference"] is False
+
+
+def test_hsic_without_hidden_states_is_a_clear_error(saved_trace, tiny_lm):
+    from models.loading import wrap_model
+
+    store, tid = saved_trace
+    broken = wrap_model(tiny_lm.model, tiny_lm.tokenizer, name="opaque")
+    layers = broken.model.model.layers
+    broken.model.model.layers = None  # no decoder layers to read from
+    try:
+        with pytest.raises(ModelError, match="cannot find the decoder layers"):
+            run_estimator(broken, store, tid, get_estimator("hsic"))
+    finally:
+        broken.model.model.layers = layers
+
+
+def test_cli_mi_and_annotate_with_mi(tiny_model_dir, db_path, capsys):
+    assert main(["annotate", "--prompt", "What is 2 + 2?", "--answer", "4",
+                 "--model", str(tiny_model_dir), "--db", str(db_path),
+                 "--max-new-tokens", "10", "--mi", "hsic,answer-gain", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert all(set(t["mi"]) == {"hsic", "answer-gain"} for t in out["tokens"])
+    assert all(t["mi"]["hsic"] is not None for t in out["tokens"])
+    tid = out["trace_id"]
+    assert main(["mi", "--db", str(db_path), "--trace", str(tid), "--estimator", "hsic",
+                 "--param", "bandwidth=median", "--positions", "0,2"]) == 0
+    runs = Store.open(db_path).mi_runs(tid)
+    assert [r.n_values for r in runs if r.params.get("bandwidth") == "median"] == [2]
+    # Bad input: one line each, nothing saved lost.
+    for argv, needle in [
+        (["--estimator", "nope"], "unknown estimator 'nope'"),
+        (["--estimator", "hsic", "--param", "sigmaa=1"], "unknown parameter 'sigmaa'"),
+        (["--estimator", "hsic", "--positions", "999"], "position 999 is out of range"),
+    ]:
+        assert main(["mi", "--db", str(db_path), "--trace", str(tid), *argv]) == 1
+        assert needle in capsys.readouterr().err
+    assert main(["mi", "--db", str(db_path), "--trace", "77", "--estimator", "hsic"]) == 1
+    assert "no trace with id 77" in capsys.readouterr().err
+    assert len(Store.open(db_path).mi_runs(tid)) == len(runs)
