@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     _db_option(m)
     sel = m.add_mutually_exclusive_group(required=True)
     sel.add_argument("--trace", type=int, action="append", metavar="ID", help="repeatable")
-    sel.add_argument("--all", action="store_true", help="every finished trace")
+    sel.add_argument("--all", action="store_true",
+                     help="every finished trace that is not itself a branch or rollout")
     m.add_argument("--estimator", required=True, metavar="NAME",
                    help="hsic, answer-gain or rollout")
     m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -286,7 +287,8 @@ def cmd_mi(args: argparse.Namespace) -> int:
     (est,) = _estimators([args.estimator], params)
     store = Store.open(args.db, create=False)
     infos = ([store.trace(t) for t in args.trace] if args.trace
-             else [t for t in reversed(store.list_traces()) if t.status != "running"])
+             else [t for t in reversed(store.list_traces(roots_only=True))
+                   if t.status != "running"])
     if not infos:
         raise UsageError("no traces to annotate")
     for info in infos:  # every position spec is checked before any model is loaded

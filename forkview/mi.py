@@ -77,6 +77,32 @@ def resolve_positions(spec: str | Sequence[int] | None, default: str,
     return sorted(set(spec))
 
 
+def _store_children(store: Store, trace_id: int, children: Sequence[Any],
+                    estimator: Estimator, model_id: int | None, data: TraceData) -> None:
+    """Keep each continuation as a child trace (parent, fork position, forced token,
+    answer, correctness), before the position's value: a value never exists without
+    the continuations it came from."""
+    from models.answers import answers_equivalent
+    from models.types import GenerationParams
+
+    p = estimator.params
+    for child in children:
+        params = GenerationParams(
+            max_new_tokens=int(p.get("max_new_tokens", 0)),
+            temperature=float(p.get("temperature", 1.0)), seed=child.seed,
+            top_alternatives=10 if child.steps else 0,
+        )
+        tid = store.add_child_trace(
+            trace_id, fork_position=child.fork_position,
+            forced_token_ids=child.forced_token_ids, params=params, text_=child.text,
+            steps=child.steps, n_tokens=len(child.token_ids), stop_reason=child.stop_reason,
+            answer=child.answer, answer_method=child.answer_method, model_id=model_id,
+        )
+        if child.answer is not None and data.reference_answer:
+            store.set_answer(tid, child.answer, child.answer_method,
+                             answers_equivalent(child.answer, data.reference_answer))
+
+
 def run_estimator(
     lm: LoadedModel,
     store: Store,
@@ -98,8 +124,10 @@ def run_estimator(
         progress(finished, len(wanted))
     info: dict[str, Any] = {}
     status = "complete"
+    estimator.cancel = cancel
     try:
         for chunk in estimator.run(lm, data, todo):
+            _store_children(store, trace_id, chunk.children, estimator, model_id, data)
             store.add_mi_values(
                 run_id,
                 [(pos, val, chunk.details.get(pos)) for pos, val in chunk.values.items()],

@@ -364,6 +364,51 @@ class Store:
             s.commit()
             return int(row.id)  # type: ignore[arg-type]
 
+    def add_child_trace(
+        self,
+        parent_trace_id: int,
+        *,
+        fork_position: int,
+        forced_token_ids: Sequence[int],
+        params: GenerationParams,
+        text_: str,
+        steps: Sequence[TokenStep] | None,
+        n_tokens: int,
+        stop_reason: str,
+        answer: str | None,
+        answer_method: str | None,
+        model_id: int | None = None,
+    ) -> int:
+        """A finished continuation forked from a trace (e.g. an MI rollout). It shares
+        the parent's prompt; its `text` and tokens start at `fork_position` (positions
+        below it are the parent's, which are not copied)."""
+        parent = self.trace(parent_trace_id)
+        with self.engine.connect() as conn:
+            prompt_id = conn.exec_driver_sql(
+                "SELECT prompt_id FROM traces WHERE id = ?", (parent_trace_id,)
+            ).scalar_one()
+        tid = self.start_trace(
+            model_id=model_id or parent.model_id, prompt_id=prompt_id,
+            prompt_token_ids=parent.prompt_token_ids, params=params,
+            parent_trace_id=parent_trace_id, fork_position=fork_position,
+            forced_token_ids=forced_token_ids,
+        )
+        with self.engine.begin() as conn:
+            if steps:
+                conn.exec_driver_sql(
+                    "INSERT INTO tokens (trace_id, position, token_id, text, logprob, rank, "
+                    "entropy, sampling_entropy, top) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [token_row(tid, s) for s in steps],
+                )
+            correct = None
+            conn.exec_driver_sql(
+                "UPDATE traces SET status = 'complete', stop_reason = ?, finished_at = ?, "
+                "text = ?, n_tokens = ?, answer = ?, answer_method = ?, correct = ?, "
+                "host = NULL, pid = NULL WHERE id = ?",
+                (stop_reason, now_iso(), text_, n_tokens, answer, answer_method, correct, tid),
+            )
+        return tid
+
     def writer(self, trace_id: int, **kw: Any) -> TraceWriter:
         return TraceWriter(self, trace_id, **kw)
 
@@ -375,11 +420,15 @@ class Store:
         return infos[0]
 
     def list_traces(
-        self, *, search: str | None = None, model: str | None = None, limit: int | None = None
+        self, *, search: str | None = None, model: str | None = None, limit: int | None = None,
+        roots_only: bool = False,
     ) -> list[TraceInfo]:
         """Newest first. `search` matches prompt or output text, `model` the model's
-        name or spec (case-insensitive substrings)."""
+        name or spec (case-insensitive substrings); `roots_only` leaves out branches and
+        rollout continuations (traces with a parent)."""
         where, args = [], []
+        if roots_only:
+            where.append("t.parent_trace_id IS NULL")
         if search:
             where.append("(p.text LIKE ? OR t.text LIKE ?)")
             args += [f"%{search}%", f"%{search}%"]

@@ -168,3 +168,29 @@ def test_cli_mi_and_annotate_with_mi(tiny_model_dir, db_path, capsys):
     assert main(["mi", "--db", str(db_path), "--trace", "77", "--estimator", "hsic"]) == 1
     assert "no trace with id 77" in capsys.readouterr().err
     assert len(Store.open(db_path).mi_runs(tid)) == len(runs)
+
+
+def test_rollout_stores_values_details_and_continuations(saved_trace, tiny_lm):
+    store, tid = saved_trace
+    est = get_estimator("rollout", {"samples": 3, "max_new_tokens": 6, "min_prob": 0.2})
+    assert est.default_positions == "stratified"
+    summary = run_estimator(tiny_lm, store, tid, est, "0,3")
+    assert summary.status == "complete" and summary.positions == [0, 3]
+    values = store.mi_values(summary.run_id)
+    assert set(values) == {0, 3}
+    assert all(v is not None and v >= -1e-9 for v in values.values())
+    details = store.mi_details(summary.run_id)
+    alts = details[0]["alternatives"]
+    assert any(a["emitted"] for a in alts)
+    assert sum(a["weight"] for a in alts) == pytest.approx(1.0)
+    children = [t for t in store.list_traces() if t.parent_trace_id == tid]
+    assert len(children) == sum(len(d["alternatives"]) * 3 for d in details.values())
+    assert {c.fork_position for c in children} == {0, 3}
+    child = children[0]
+    tokens = store.tokens(child.id)
+    assert tokens[0].position == child.fork_position
+    assert [t.id for t in store.list_traces(roots_only=True)] == [tid]
+    # Re-running finds everything done and adds no continuations.
+    again = run_estimator(tiny_lm, store, tid, est, "0,3")
+    assert again.computed == 0
+    assert len([t for t in store.list_traces() if t.parent_trace_id == tid]) == len(children)

@@ -31,12 +31,29 @@ class TraceData:
 
 
 @dataclass
+class ChildTrace:
+    """A continuation an estimator sampled from a fork of the trace (rollouts)."""
+
+    fork_position: int
+    forced_token_ids: list[int]
+    token_ids: list[int]  # from the fork position on (forced tokens first)
+    text: str
+    answer: str | None
+    answer_method: str | None
+    stop_reason: str
+    steps: list[Any] | None = None  # TokenSteps at positions fork_position, ...
+    seed: int | None = None
+
+
+@dataclass
 class EstimatorChunk:
-    """Values for some positions, plus details (JSON-able) and run-level findings."""
+    """Values for some positions, plus details (JSON-able), run-level findings and any
+    continuations to keep as child traces."""
 
     values: dict[int, float | None]
     details: dict[int, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    children: list[ChildTrace] = field(default_factory=list)
 
 
 class Estimator(ABC):
@@ -53,6 +70,8 @@ class Estimator(ABC):
                 raise ModelError(f"unknown parameter '{key}' for {self.name} (known: {known})")
             merged[key] = value
         self.params = self.validate(merged)
+        # Set by the caller to stop a long run between positions (rollouts).
+        self.cancel: Any = None
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Check and normalise the full parameter set; raise ModelError on bad values."""
