@@ -2,6 +2,13 @@
 
     uv run python sample_db/build.py [--out sample_db/arith.db] [--max-new-tokens 160]
     uv run python sample_db/build.py --update   # keep the traces, redo what derives from them
+    uv run python sample_db/build.py --mi       # keep the traces, (re)compute the MI stage
+
+MI stage: `hsic` and `answer-gain` (default parameters) on every trace, and a
+stratified `rollout` pass on the ROLLOUT_TRACES shortest greedy traces with smaller
+settings than the estimator's defaults (ROLLOUT_PARAMS: S = 4 continuations of at most
+32 tokens, continuation tokens not stored) so the file stays a few MB and the build a
+few minutes on a CPU; the parameters are stored with every value.
 
 For each problem: one greedy trace and one sampled trace (T = 1.0, seed 1000 + index),
 through `forkview.pipeline.annotate_prompt`, the path every front end uses. The file
@@ -54,6 +61,37 @@ def finalize(path: Path) -> None:
         raise SystemExit(f"WAL files left behind: {', '.join(map(str, left))}")
 
 
+ROLLOUT_TRACES = 5
+ROLLOUT_PARAMS = {"samples": 4, "max_new_tokens": 32, "keep_tokens": False}
+
+
+def mi_stage(path: Path, lm) -> None:
+    from forkview.mi import run_estimator
+    from forkview.pipeline import model_row_id
+    from models.estimators import get_estimator
+
+    store = Store.open(path)
+    try:
+        model_id = model_row_id(store, lm)
+        roots = list(reversed(store.list_traces(roots_only=True)))
+        for info in roots:
+            for name in ("hsic", "answer-gain"):
+                t = time.perf_counter()
+                s = run_estimator(lm, store, info.id, get_estimator(name), model_id=model_id)
+                print(f"trace {info.id:3} {name:11} {len(s.positions):4} positions "
+                      f"{time.perf_counter() - t:5.1f} s", flush=True)
+        greedy = sorted((t for t in roots if t.params.temperature == 0),
+                        key=lambda t: (t.n_tokens, t.id))[:ROLLOUT_TRACES]
+        for info in greedy:
+            t = time.perf_counter()
+            s = run_estimator(lm, store, info.id, get_estimator("rollout", ROLLOUT_PARAMS),
+                              "stratified", model_id=model_id)
+            print(f"trace {info.id:3} rollout     {len(s.positions):4} positions "
+                  f"{time.perf_counter() - t:5.1f} s", flush=True)
+    finally:
+        store.close()
+
+
 def update(path: Path, items: list) -> None:
     """Bring an existing file up to date without regenerating its traces: upgrade the
     schema, attach the worked solutions to the prompts and re-extract the answers."""
@@ -84,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                          "float reductions, and hence tokens, don't depend on core count)")
     ap.add_argument("--update", action="store_true",
                     help="keep the traces; upgrade the schema and redo answers and solutions")
+    ap.add_argument("--mi", action="store_true",
+                    help="keep the traces; (re)compute the MI stage only")
     args = ap.parse_args(argv)
     if args.update:
         update(args.out, arith_problems())
@@ -101,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded {lm.name} in {lm.load_seconds:.1f} s", flush=True)
 
     out: Path = args.out
+    if args.mi:
+        mi_stage(out, lm)
+        finalize(out)
+        print(f"MI stage done on {out} in {time.perf_counter() - t0:.0f} s")
+        return 0
     remove_db(out)
     store = Store.open(out)
     n_tokens = 0
@@ -124,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         count = store.count_traces()
     finally:
         store.close()
+    mi_stage(out, lm)
     finalize(out)
     size = out.stat().st_size
     print(f"wrote {out}: {count} traces, {n_tokens} tokens, {size / 1e6:.2f} MB, "
