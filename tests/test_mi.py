@@ -194,3 +194,29 @@ def test_rollout_stores_values_details_and_continuations(saved_trace, tiny_lm):
     again = run_estimator(tiny_lm, store, tid, est, "0,3")
     assert again.computed == 0
     assert len([t for t in store.list_traces() if t.parent_trace_id == tid]) == len(children)
+
+
+def test_cancelled_rollout_keeps_finished_positions_and_resumes(saved_trace, tiny_lm):
+    import threading
+
+    store, tid = saved_trace
+    params = {"samples": 2, "max_new_tokens": 4, "min_prob": 0.3}
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        if done >= 1:
+            cancel.set()  # stop after the first finished position
+
+    first = run_estimator(tiny_lm, store, tid, get_estimator("rollout", params), "1,2,5",
+                          cancel=cancel, progress=progress)
+    assert first.status == "stopped"
+    kept = store.mi_values(first.run_id)
+    assert len(kept) == 1
+    second = run_estimator(tiny_lm, store, tid, get_estimator("rollout", params), "1,2,5")
+    assert second.run_id == first.run_id and second.computed == 2
+    assert second.status == "complete"
+    final = store.mi_values(second.run_id)
+    assert set(final) == {1, 2, 5}
+    assert {k: final[k] for k in kept} == kept  # finished values untouched
