@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,15 +43,17 @@ class ForkviewApp(App[None]):
     def __init__(self, store: Store, *, model_spec: str = "default", device: str = "auto",
                  dtype: str = "auto", params: GenerationParams | None = None,
                  browse_only: bool = False, lm: LoadedModel | None = None,
-                 open_trace: int | None = None) -> None:
+                 open_trace: int | None = None,
+                 mi_estimators: Sequence[str] | None = None) -> None:
         super().__init__()
         self.store = store
         self.model_spec, self.device, self.dtype = model_spec, device, dtype
         self.params = params or GenerationParams()
         self.browse_only = browse_only
         self.lm = lm
-        self.explorer = ExplorerScreen(store, self.params, browse_only=browse_only,
-                                       open_trace=open_trace)
+        self.explorer = ExplorerScreen(
+            store, self.params, browse_only=browse_only, open_trace=open_trace,
+            mi_estimators=None if mi_estimators is None else tuple(mi_estimators))
 
     def get_default_screen(self) -> Screen[Any]:
         return self.explorer
@@ -106,11 +109,13 @@ class ForkviewApp(App[None]):
             self.push_screen(HelpScreen())
 
     async def action_quit(self) -> None:
-        # Stop a running generation and let it save the trace as `stopped` first.
-        worker = self.explorer.worker
-        if self.explorer.stop_generation() and worker is not None:
-            with contextlib.suppress(WorkerCancelled, WorkerFailed):
-                await worker.wait()
+        # Stop a running generation (or MI pass) and let it save the trace (the run) as
+        # `stopped` first.
+        for stop, worker in ((self.explorer.stop_generation, self.explorer.worker),
+                             (self.explorer.stop_mi, self.explorer.mi_worker)):
+            if stop() and worker is not None:
+                with contextlib.suppress(WorkerCancelled, WorkerFailed):
+                    await worker.wait()
         self.exit()
 
     def on_unmount(self) -> None:
@@ -120,9 +125,14 @@ class ForkviewApp(App[None]):
 def create_app(*, db_path: str | Path | None = None, model_spec: str = "default",
                device: str = "auto", dtype: str = "auto",
                params: GenerationParams | None = None, browse_only: bool = False,
-               lm: LoadedModel | None = None, open_trace: int | None = None) -> App[None]:
-    """The forkview explorer (or, with browse_only, the trace browser; no model)."""
+               lm: LoadedModel | None = None, open_trace: int | None = None,
+               mi_estimators: Sequence[str] | None = None) -> App[None]:
+    """The forkview explorer (or, with browse_only, the trace browser; no model).
+
+    `mi_estimators`: the MI estimators computed after each generation and on `m`
+    (default hsic and answer-gain; empty: none after generation)."""
     # Browsing never writes: the committed sample database stays byte-identical.
     store = Store.open(db_path, readonly=browse_only)
     return ForkviewApp(store, model_spec=model_spec, device=device, dtype=dtype,
-                       params=params, browse_only=browse_only, lm=lm, open_trace=open_trace)
+                       params=params, browse_only=browse_only, lm=lm, open_trace=open_trace,
+                       mi_estimators=mi_estimators)

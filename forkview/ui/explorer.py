@@ -1,8 +1,11 @@
-"""The explorer: a prompt box, the streaming trace, the token panel, legend and status.
+"""The explorer: a prompt box, the streaming trace, the strip chart, the token panel,
+legend and status.
 
-State lives here and changes only in message handlers; the generation worker runs in
-a thread, talks to the model and the store through `annotate_prompt`, and posts
-messages (see forkview.ui.messages) back.
+State lives here and changes only in message handlers. Two workers run in threads and
+post messages (see forkview.ui.messages) back: the generation (`annotate_prompt`) and,
+after it or on `m`, the MI estimators (`forkview.mi.run_estimator`, which stores
+values as they come, so cancelling keeps what is finished). They never run at the
+same time: the model is not shared between threads.
 """
 
 from __future__ import annotations
@@ -15,18 +18,25 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Input
 from textual.worker import Worker
 
+from forkview.ui.chart import StripChart
 from forkview.ui.messages import (
     GenerationFinished,
     GenerationStarted,
+    MIFinished,
+    MINotice,
+    MIProgress,
     TokensArrived,
 )
-from forkview.ui.status import EntropyLegend, StatusLine
+from forkview.ui.mi_data import MISeries, MIState, panel_mi
+from forkview.ui.peaks import RULES
+from forkview.ui.scale import VIEWS
+from forkview.ui.status import Legend, StatusLine
 from forkview.ui.token_panel import TokenPanel
 from forkview.ui.trace_view import TraceView
 from models.errors import ModelError
@@ -34,7 +44,29 @@ from models.types import GenerationParams, TokenStep
 from store import Store, StoreError
 
 BATCH_SECONDS = 0.05  # how often a running generation repaints
+MI_RELOAD_SECONDS = 0.5  # how often a running MI pass re-reads its values
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+DEFAULT_MI = ("hsic", "answer-gain")  # what runs after each generation
+
+
+def missing_reference(estimator: Any, data: Any) -> str | None:
+    """Why `estimator` cannot run on this trace for want of a reference answer (None:
+    it can). Checked before a run is opened, so a skipped estimator leaves no failed
+    run behind. Runs in the MI worker (imports models)."""
+    if "reference" not in estimator.needs:
+        return None
+    from dataclasses import replace
+
+    from models.estimators.hsic import pick_reference
+
+    if estimator.name == "answer-gain":
+        # answer-gain forces the answer itself: a worked solution does not count.
+        data = replace(data, reference_solution=None)
+    try:
+        pick_reference(data, str(estimator.params.get("reference", "auto")))
+    except ModelError as e:
+        return str(e)
+    return None
 
 
 def sampling_label(params: GenerationParams) -> str:
@@ -54,6 +86,10 @@ def sampling_label(params: GenerationParams) -> str:
 class ExplorerScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "escape", "stop", show=False),
+        Binding("v", "cycle_view", "view"),
+        Binding("e", "cycle_estimator", "estimator", show=False),
+        Binding("r", "cycle_rule", "peak rule", show=False),
+        Binding("m", "run_mi", "MI"),
         Binding("p", "focus_prompt", "prompt"),
         Binding("b,f2", "browse", "browse"),
         Binding("question_mark,f1", "app.help", "help"),
@@ -61,7 +97,8 @@ class ExplorerScreen(Screen[None]):
     ]
 
     def __init__(self, store: Store, params: GenerationParams, *,
-                 browse_only: bool = False, open_trace: int | None = None) -> None:
+                 browse_only: bool = False, open_trace: int | None = None,
+                 mi_estimators: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.store = store
         self.initial_trace = open_trace
@@ -86,6 +123,21 @@ class ExplorerScreen(Screen[None]):
         self.pending_prompt: str | None = None
         self._spinner: Timer | None = None
         self._ready = False  # on_mount has run: widgets exist
+        # MI: what is shown (the view, the series, its peaks) and the pass in flight
+        self.view_mode = VIEWS[0]
+        self.mi = MIState()
+        self.mi_estimators = tuple(DEFAULT_MI if mi_estimators is None else mi_estimators)
+        self.mi_id = 0
+        self.mi_running = False
+        self.mi_trace_id: int | None = None
+        self.mi_progress: MIProgress | None = None
+        self.mi_cancel = threading.Event()
+        self.mi_done = threading.Event()
+        self.mi_done.set()
+        self.mi_worker: Worker[None] | None = None
+        self._mi_started = 0.0
+        self._mi_reloaded = 0.0
+        self._mi_timer: Timer | None = None
 
     # ---------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -93,16 +145,26 @@ class ExplorerScreen(Screen[None]):
                        else "type a prompt, Enter generates")
         yield Input(placeholder=placeholder, id="prompt")
         with Horizontal(id="main"):
-            yield TraceView(id="trace", placeholder=(
-                "Tokens appear here, coloured by entropy. Press ? for keys."))
+            with Vertical(id="left"):
+                yield TraceView(id="trace", placeholder=(
+                    "Tokens appear here, coloured by entropy. Press ? for keys."))
+                yield StripChart(id="chart")
             yield TokenPanel(id="panel")
-        yield EntropyLegend(id="legend")
+        yield Legend(id="legend")
         yield StatusLine(id="status")
         yield Footer()
 
     @property
     def trace_view(self) -> TraceView:
         return self.query_one(TraceView)
+
+    @property
+    def chart(self) -> StripChart:
+        return self.query_one(StripChart)
+
+    @property
+    def legend(self) -> Legend:
+        return self.query_one(Legend)
 
     def on_mount(self) -> None:
         self._ready = True
@@ -113,6 +175,7 @@ class ExplorerScreen(Screen[None]):
         else:
             self.query_one("#prompt", Input).focus()
         self.refresh_status()
+        self._apply_view()
         if self.initial_trace is not None:
             self.open_trace(self.initial_trace)
         elif self.browse_only:
@@ -181,20 +244,100 @@ class ExplorerScreen(Screen[None]):
         n = len(self.trace_view.steps)
         if self.trace_status:
             right.append(f" · {n} tok")
-        if self.tokens_per_second:
+        if self.mi_running:
+            right.append(" · ")
+            right.append_text(self._mi_status())
+        elif self.tokens_per_second:
             right.append(f" · {self.tokens_per_second:.1f} tok/s")
         status.set_trace(right)
+
+    def _mi_status(self) -> Text:
+        elapsed = time.monotonic() - self._mi_started
+        frame = SPINNER[int(elapsed * 4) % len(SPINNER)]
+        text = Text(f"{frame} MI", style="bold cyan")
+        if self.mi_trace_id != self.trace_id:
+            text.append(f" #{self.mi_trace_id}", style="cyan")
+        prog = self.mi_progress
+        if self.mi_cancel.is_set():
+            text.append(" stopping…", style="yellow")
+        elif prog is not None:
+            text.append(f" {prog.name} {prog.done}/{prog.total}", style="cyan")
+            if prog.steps > 1:
+                text.append(f" ({prog.step}/{prog.steps})", style="dim")
+            text.append(" Esc stops", style="dim")
+        else:
+            text.append(" starting…", style="cyan")
+        return text
 
     # ---------------------------------------------------------------- cursor → panel
     @on(TraceView.CursorMoved)
     def _cursor_moved(self, event: TraceView.CursorMoved) -> None:
-        view = event.view
-        panel = self.query_one(TokenPanel)
-        if 0 <= event.index < len(view.steps):
-            panel.show(view.steps[event.index], event.index, len(view.steps),
-                       view.is_high(event.index))
+        self.chart.set_cursor(event.index)
+        self._refresh_panel()
+
+    @on(StripChart.Selected)
+    def _chart_selected(self, event: StripChart.Selected) -> None:
+        self.trace_view.select(event.position)
+
+    # ---------------------------------------------------------------- views and MI data
+    def _mi_hint(self) -> str:
+        return "forkview mi computes it" if self.browse_only else "m computes it"
+
+    def _load_mi(self) -> None:
+        """Re-read the MI runs of the trace on screen and repaint what shows them."""
+        n = len(self.trace_view.steps)
+        if self.trace_id is None or self.trace_status in (None, "starting", "running"):
+            self.mi.clear()
         else:
-            panel.show(None)
+            try:
+                series = [MISeries(run, self.store.mi_values(run.id),
+                                   self.store.mi_details(run.id))
+                          for run in self.store.mi_runs(self.trace_id)]
+            except StoreError as e:
+                self.notify(str(e), severity="error")
+                series = []
+            self.mi.load(series, n)
+        self._mi_reloaded = time.monotonic()
+        self._apply_view()
+
+    def _apply_view(self) -> None:
+        if not self._ready:
+            return
+        view = self.trace_view
+        n = len(view.steps)
+        mi_shown = self.view_mode != "entropy"
+        view.set_overlay(self.view_mode, self.mi.bins(n) if mi_shown else [],
+                         self.mi.peaks if mi_shown else [])
+        self.chart.set_mi(self.mi.value_list(n), self.mi.range, self.mi.peak_set)
+        current = self.mi.current
+        self.legend.set_view(self.view_mode, series_label=current.label if current else None,
+                             mi_range=self.mi.range, rule=self.mi.rule,
+                             n_peaks=len(self.mi.peaks), hint=self._mi_hint())
+        self._refresh_panel()
+
+    def _refresh_entropy(self) -> None:
+        view = self.trace_view
+        self.chart.set_entropy([s.entropy for s in view.steps], set(view.high_positions))
+        self.legend.set_threshold(view.threshold)
+
+    def action_cycle_view(self) -> None:
+        self.view_mode = VIEWS[(VIEWS.index(self.view_mode) + 1) % len(VIEWS)]
+        self._apply_view()
+
+    def action_cycle_estimator(self) -> None:
+        if self.mi.cycle(len(self.trace_view.steps)) is None:
+            self.notify(f"No MI values on this trace ({self._mi_hint()}).", timeout=4)
+            return
+        if self.view_mode == "entropy":
+            self.view_mode = "mi"  # make the choice visible
+        self._apply_view()
+
+    def action_cycle_rule(self) -> None:
+        i = RULES.index(self.mi.rule) if self.mi.rule in RULES else -1
+        self.mi.set_rule(RULES[(i + 1) % len(RULES)], len(self.trace_view.steps))
+        self._apply_view()
+        self.notify(f"MI peaks: {self.mi.rule.label} ({self.mi.rule.definition})",
+                    timeout=3)
 
     # ---------------------------------------------------------------- generating
     @on(Input.Submitted, "#prompt")
@@ -219,6 +362,11 @@ class ExplorerScreen(Screen[None]):
             self.pending_prompt = prompt
             self.cancel.set()
             return
+        if self.mi_running:
+            # The model is busy with MI: stop it (finished values are kept), then generate.
+            self.pending_prompt = prompt
+            self.stop_mi()
+            return
         self.start_generation(prompt)
 
     def start_generation(self, prompt: str) -> None:
@@ -232,7 +380,8 @@ class ExplorerScreen(Screen[None]):
         view.set_steps([])
         view.follow = True
         view.focus()
-        self.query_one(EntropyLegend).set_threshold(None)
+        self._refresh_entropy()
+        self._load_mi()
         self.refresh_status()
         self.worker = self._generate(self.gen_id, self.lm, prompt, self.params,
                                      self.cancel, self.gen_done)
@@ -296,7 +445,7 @@ class ExplorerScreen(Screen[None]):
         view.append_steps(message.steps)
         if message.elapsed > 0:
             self.tokens_per_second = len(view.steps) / message.elapsed
-        self.query_one(EntropyLegend).set_threshold(view.threshold)
+        self._refresh_entropy()
         self._refresh_panel()
         self.refresh_status()
 
@@ -316,17 +465,26 @@ class ExplorerScreen(Screen[None]):
             self.trace_status = "failed" if message.error else None
         if message.error:
             self.notify(message.error, title="generation failed", severity="error", timeout=8)
-        self._refresh_panel()
+        self._load_mi()
         self.refresh_status()
         if self.pending_prompt is not None:
             prompt, self.pending_prompt = self.pending_prompt, None
             self.start_generation(prompt)
+        elif (self.trace_status == "complete" and self.trace_id is not None
+              and self.mi_estimators and self.lm is not None):
+            self.start_mi(self.trace_id, self.mi_estimators)
 
     def _refresh_panel(self) -> None:
+        if not self._ready:
+            return
         view = self.trace_view
+        panel = self.query_one(TokenPanel)
         if 0 <= view.cursor < len(view.steps):
-            self.query_one(TokenPanel).show(view.steps[view.cursor], view.cursor,
-                                            len(view.steps), view.is_high(view.cursor))
+            panel.show(view.steps[view.cursor], view.cursor, len(view.steps),
+                       view.is_high(view.cursor), panel_mi(self.mi, view.cursor,
+                                                           self._mi_hint()))
+        else:
+            panel.show(None)
 
     def stop_generation(self) -> bool:
         """Ask the running generation to stop; it saves the trace as `stopped`."""
@@ -343,9 +501,161 @@ class ExplorerScreen(Screen[None]):
         return self.gen_done.wait(timeout)
 
     def on_unmount(self) -> None:
-        # However the app ends, a running trace must not be left `running`.
+        # However the app ends, a running trace (or MI run) must not be left `running`.
         self.stop_generation()
+        self.stop_mi()
         self.wait_generation()
+        self.mi_done.wait(15.0)
+
+    # ---------------------------------------------------------------- MI
+    def action_run_mi(self) -> None:
+        """`m`: compute the selected MI estimators on the trace on screen."""
+        if self.browse_only:
+            self.notify("Computing MI needs a model: this is browse-only mode. Run "
+                        "`forkview` to explore with a model, or `forkview mi --trace "
+                        f"{self.trace_id or 'ID'}`.", severity="warning", timeout=6)
+            return
+        if self.model_error:
+            self.notify(f"No model: {self.model_error}", severity="error")
+            return
+        if self.lm is None:
+            self.notify("The model is still loading: press m again when it is ready.",
+                        severity="warning")
+            return
+        if self.trace_id is None:
+            self.notify("Generate or open a trace first.", severity="warning")
+            return
+        if self.generating or self.trace_status == "running":
+            self.notify("A generation is running: wait for it or press Esc.",
+                        severity="warning")
+            return
+        if self.mi_running:
+            self.notify("MI is already running (Esc stops it).", severity="warning")
+            return
+        if not self.mi_estimators:
+            self.notify("No MI estimators selected.", severity="warning")
+            return
+        self.start_mi(self.trace_id, self.mi_estimators)
+
+    def start_mi(self, trace_id: int, names: tuple[str, ...]) -> None:
+        self.mi_id += 1
+        self.mi_cancel = threading.Event()
+        self.mi_done = threading.Event()
+        self.mi_running = True
+        self.mi_trace_id = trace_id
+        self.mi_progress = None
+        self._mi_started = time.monotonic()
+        if self._mi_timer is None:
+            self._mi_timer = self.set_interval(0.25, self.refresh_status)
+        self.refresh_status()
+        self.mi_worker = self._run_mi(self.mi_id, self.lm, trace_id, names, self.mi_cancel,
+                                      self.mi_done)
+
+    def stop_mi(self) -> bool:
+        """Ask the MI pass to stop after its current chunk; stored values stay."""
+        if not self.mi_running:
+            return False
+        self.mi_cancel.set()
+        self.refresh_status()
+        return True
+
+    @work(thread=True, exclusive=True, group="mi", exit_on_error=False)
+    def _run_mi(self, mi_id: int, lm: Any, trace_id: int, names: tuple[str, ...],
+                cancel: threading.Event, done: threading.Event) -> None:
+        """Runs in a thread: never touches widgets, only posts messages."""
+        status = "complete"
+
+        def notice(text: str, severity: str = "information") -> None:
+            self.post_message(MINotice(mi_id, text, severity))
+
+        try:
+            from forkview.mi import run_estimator, trace_data
+            from forkview.pipeline import model_row_id
+            from models.estimators import get_estimator
+
+            estimators = [get_estimator(name) for name in names]
+            data = trace_data(self.store, trace_id)
+            info = self.store.trace(trace_id)
+            model_id = model_row_id(self.store, lm)
+            if info.model_id is not None and info.model_id != model_id:
+                raise ModelError(
+                    f"trace #{trace_id} was generated by {info.model_name}, the loaded "
+                    f"model is {lm.name}: MI needs the trace's own model (forkview mi "
+                    f"--trace {trace_id} loads it)")
+            runnable, skipped = [], []
+            for est in estimators:
+                (skipped if missing_reference(est, data) else runnable).append(est)
+            if skipped:
+                notice(f"{', '.join(e.name for e in skipped)} skipped: no reference answer "
+                       "for this prompt and no answer found in the text", "warning")
+            for k, est in enumerate(runnable, 1):
+                if cancel.is_set():
+                    status = "stopped"
+                    break
+
+                def progress(finished: int, total: int, name: str = est.name,
+                             step: int = k) -> None:
+                    self.post_message(MIProgress(mi_id, trace_id, name, finished, total,
+                                                 step, len(runnable)))
+
+                try:
+                    summary = run_estimator(lm, self.store, trace_id, est, model_id=model_id,
+                                            cancel=cancel, progress=progress)
+                except (ModelError, StoreError) as e:
+                    notice(f"{est.name}: {e}", "error")
+                    status = "failed"
+                    continue
+                if summary.status != "complete":
+                    status = summary.status
+            if not runnable and status == "complete":
+                status = "skipped"
+        except (ModelError, StoreError) as e:
+            notice(str(e), "error")
+            status = "failed"
+        except Exception as e:  # shown in the app, never a traceback
+            notice(f"{type(e).__name__}: {e}", "error")
+            status = "failed"
+        finally:
+            done.set()
+        self.post_message(MIFinished(mi_id, trace_id, status))
+
+    @on(MIProgress)
+    def _mi_progressed(self, message: MIProgress) -> None:
+        if message.mi_id != self.mi_id:
+            return
+        self.mi_progress = message
+        finished_one = message.done >= message.total
+        if message.trace_id == self.trace_id and (
+                finished_one or message.done == 0
+                or time.monotonic() - self._mi_reloaded >= MI_RELOAD_SECONDS):
+            self._load_mi()
+        self.refresh_status()
+
+    @on(MINotice)
+    def _mi_notice(self, message: MINotice) -> None:
+        if message.mi_id != self.mi_id:
+            return
+        self.notify(message.text, title="MI", severity=message.severity,  # type: ignore[arg-type]
+                    timeout=8 if message.severity == "error" else 5)
+
+    @on(MIFinished)
+    def _mi_finished(self, message: MIFinished) -> None:
+        if message.mi_id != self.mi_id:
+            return
+        self.mi_running = False
+        if self._mi_timer is not None:
+            self._mi_timer.stop()
+            self._mi_timer = None
+        if message.trace_id == self.trace_id:
+            self._load_mi()
+        if message.status == "stopped":
+            self.notify("MI stopped: the values computed so far are kept.", timeout=4)
+        elif message.status == "complete":
+            self.notify(f"MI done on trace #{message.trace_id}.", timeout=3)
+        self.refresh_status()
+        if self.pending_prompt is not None and not self.generating and self.lm is not None:
+            prompt, self.pending_prompt = self.pending_prompt, None
+            self.start_generation(prompt)
 
     # ---------------------------------------------------------------- opening traces
     def open_trace(self, trace_id: int | None) -> None:
@@ -369,13 +679,13 @@ class ExplorerScreen(Screen[None]):
         view.follow = False
         view.set_steps(steps, cursor=0)
         view.focus()
-        self.query_one(EntropyLegend).set_threshold(view.threshold)
-        self._refresh_panel()
+        self._refresh_entropy()
+        self._load_mi()
         self.refresh_status()
 
     # ---------------------------------------------------------------- actions
     def action_escape(self) -> None:
-        if self.stop_generation():
+        if self.stop_generation() or self.stop_mi():
             return
         if isinstance(self.focused, Input):
             self.trace_view.focus()

@@ -18,8 +18,8 @@ from forkview.ui.scale import N_BINS, bin_label, bin_style
 KEYS = [
     ("Explorer", [
         ("Enter", "generate from the prompt (in the prompt box)"),
-        ("Esc", "stop generating: the trace keeps its tokens, status stopped;"
-                " when idle, leave the prompt box"),
+        ("Esc", "stop generating: the trace keeps its tokens, status stopped; stop"
+                " MI: values computed so far are kept; when idle, leave the prompt box"),
         ("p  Tab", "go to the prompt box / back to the trace"),
         ("ctrl+u", "in the prompt box: delete everything left of the cursor"),
         ("← →  h l", "previous / next token"),
@@ -27,8 +27,17 @@ KEYS = [
         ("Home End  g G", "first / last token (End follows a running generation)"),
         ("PgUp PgDn", "a page up / down"),
         ("n  N", "next / previous high-entropy token (top 20% of this trace)"),
-        ("click", "select a token"),
+        ("click", "select a token; in the chart, jump to that column"),
         ("b  F2", "trace browser"),
+    ]),
+    ("MI", [
+        ("v", "view: colour by entropy → by MI → both (entropy colour, MI peaks"
+              " underlined)"),
+        ("e", "next MI series: estimator + parameters, among the runs with values"),
+        ("r", "peak rule: tukey τ=1.5 (m > Q3 + 1.5·IQR) → top-k k=20 → top-r ρ=0.2"),
+        ("]  [", "next / previous MI peak"),
+        ("m", "compute MI on this trace (hsic, answer-gain; needs the model;"
+              " runs by itself after each generation)"),
     ]),
     ("Browser", [
         ("↑ ↓  Enter", "choose a trace and open it in the explorer"),
@@ -48,7 +57,16 @@ NOTES = (
     "panel shows the selected token's numbers and its top alternatives (▶ = chosen). "
     "⏎ marks a newline inside a token, ∅ a token with no text of its own (a special "
     "token, or bytes completed by a later token). With NO_COLOR set, the top 20% "
-    "entropy tokens are bold + underlined and the cursor is reversed."
+    "entropy tokens are bold + underlined and the cursor is reversed.\n\n"
+    "MI view: the colour is the chosen MI series on a per-trace scale (its 5th to 95th "
+    "percentile in 9 equal steps, values outside clipped; hsic is a kernel score, not "
+    "nats); grey tokens have no value. MI peaks are bold + underlined, by the rule shown "
+    "in the legend. The chart under the trace: H = entropy (bar height relative to the "
+    "trace's largest, colour on the entropy scale), MI = the chosen series (min..max of "
+    "the trace), markers • high entropy (top 20%), ▲ MI peak, ◆ both; the reversed column "
+    "is the cursor. With many tokens a column holds several (bars show the largest). The "
+    "side panel lists every MI run at the cursor (▸ = shown, ▲ = peak) and, at a rollout "
+    "position, the answers each forked alternative reached."
 )
 
 

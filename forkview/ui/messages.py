@@ -53,3 +53,33 @@ class GenerationFinished(Message):
     gen_id: int
     trace_id: int | None  # None when it failed before a trace was created
     error: str | None = None
+
+
+@dataclass
+class MIProgress(Message):
+    """An MI worker's progress: estimator `name` has `done` of `total` positions.
+    `step` counts estimators (1-based) out of `steps`."""
+
+    mi_id: int
+    trace_id: int
+    name: str
+    done: int
+    total: int
+    step: int
+    steps: int
+
+
+@dataclass
+class MINotice(Message):
+    """Something the user should know (an estimator skipped, a run failed)."""
+
+    mi_id: int
+    text: str
+    severity: str = "information"
+
+
+@dataclass
+class MIFinished(Message):
+    mi_id: int
+    trace_id: int
+    status: str  # complete | stopped | failed

@@ -95,6 +95,41 @@ def token_style(bin_index: int, cursor: bool, high: bool, no_color: bool) -> Sty
     return style
 
 
+# The MI views: a token without an MI value is drawn neutral (grey text, no
+# background); MI peaks are bold + underlined. Under NO_COLOR, where the background
+# cannot carry entropy, the "both" view marks high entropy bold and peaks underlined.
+NEUTRAL_STYLE = Style(color="grey50")
+NEUTRAL_NO_COLOR = Style(dim=True)
+PEAK_STYLE = Style(bold=True, underline=True)
+VIEWS = ("entropy", "mi", "both")
+
+
+@lru_cache(maxsize=1024)
+def overlay_style(view: str, entropy_index: int, mi_index: int | None, cursor: bool,
+                  high: bool, peak: bool, no_color: bool) -> Style:
+    """A token's style in a view: `entropy` (colour = entropy), `mi` (colour = the MI
+    step of the chosen estimator, peaks marked) or `both` (colour = entropy, MI peaks
+    marked)."""
+    if view == "entropy":
+        return token_style(entropy_index, cursor, high, no_color)
+    if view == "mi":
+        if mi_index is None:
+            style = NEUTRAL_NO_COLOR if no_color else NEUTRAL_STYLE
+        else:
+            style = bin_style(mi_index)
+        if peak:
+            style += PEAK_STYLE
+    else:
+        style = bin_style(entropy_index)
+        if no_color:
+            style += Style(bold=high, underline=peak)
+        elif peak:
+            style += PEAK_STYLE
+    if cursor:
+        style += CURSOR_STYLE
+    return style
+
+
 def high_entropy_threshold(entropies: Sequence[float],
                            fraction: float = HIGH_ENTROPY_FRACTION) -> float | None:
     """Smallest entropy still in the top `fraction` of the trace (ties included)."""

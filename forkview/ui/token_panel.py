@@ -9,6 +9,7 @@ from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
+from forkview.ui.mi_data import PanelMI, format_value
 from forkview.ui.scale import entropy_style
 from models.types import TokenStep
 
@@ -25,6 +26,13 @@ def bar(fraction: float, width: int) -> str:
     return text.ljust(width)
 
 
+def fit(text: str, width: int) -> str:
+    """`text` padded or cut (with …) to exactly `width` cells."""
+    if cell_len(text) > width:
+        return set_cell_size(text, width - 1) + "…"
+    return set_cell_size(text, width)
+
+
 def short_repr(text: str, width: int) -> str:
     shown = repr(text)
     if cell_len(shown) > width:
@@ -33,8 +41,10 @@ def short_repr(text: str, width: int) -> str:
 
 
 class TokenPanel(Widget):
-    """Position, text, id, entropy, sampling entropy, logprob, p, rank and the top-k
-    alternatives (as bars, chosen token marked ▶) of the selected token."""
+    """Position, text, id, entropy, sampling entropy, logprob, p, rank, every MI run's
+    value (▸ = the series the views show, ▲ = a peak), at a rollout position the
+    answers each forked alternative led to, and the top-k alternatives (as bars,
+    chosen token marked ▶) of the selected token."""
 
     DEFAULT_CSS = """
     TokenPanel {
@@ -42,6 +52,8 @@ class TokenPanel(Widget):
         height: 1fr;
         padding: 0 1;
         border-left: vkey $foreground 20%;
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
     }
     """
 
@@ -52,10 +64,12 @@ class TokenPanel(Widget):
         self.index = -1
         self.total = 0
         self.high = False
+        self.mi: PanelMI | None = None
 
     def show(self, step: TokenStep | None, index: int = -1, total: int = 0,
-             high: bool = False) -> None:
+             high: bool = False, mi: PanelMI | None = None) -> None:
         self.step, self.index, self.total, self.high = step, index, total, high
+        self.mi = mi
         self.refresh(layout=True)
 
     def render(self) -> Text:
@@ -66,9 +80,9 @@ class TokenPanel(Widget):
         width = max(20, self.content_region.width)
         out = Text(no_wrap=True, overflow="ellipsis")
         out.append(f"position {step.position}", style="bold")
-        out.append(f"  ({self.index + 1}/{self.total})", style="dim")
+        out.append(f" ({self.index + 1}/{self.total})", style="dim")
         if self.high:
-            out.append("  ▲ high H", style="bold underline")
+            out.append(" • high H", style="bold underline")
         out.append("\n")
 
         def field(name: str, value: str | Text) -> None:
@@ -91,6 +105,8 @@ class TokenPanel(Widget):
         field("sampling", f"{step.sampling_entropy:.3f} nats")
         p = math.exp(step.logprob) if step.logprob is not None else float("nan")
         field("logprob", f"{step.logprob:.3f}   p {p:.3f}")
+        if self.mi is not None:
+            self._render_mi(out, self.mi, width)
         out.append(f"top {len(step.top)} alternatives", style="bold")
         out.append("\n")
         label_w = min(14, max((cell_len(repr(a.text)) for a in step.top), default=4))
@@ -113,3 +129,45 @@ class TokenPanel(Widget):
             out.append("\n")
         out.rstrip()
         return out
+
+    @staticmethod
+    def _render_mi(out: Text, mi: PanelMI, width: int) -> None:
+        if not mi.rows:
+            out.append(f"{'MI':<{LABEL}}", style="dim")
+            out.append(f"none · {mi.hint}" if mi.hint else "none", style="italic")
+            out.append("\n")
+            return
+        out.append("MI at this token", style="bold")
+        out.append("\n")
+        value_w = 9
+        label_w = max(6, width - 2 - value_w)
+        for row in mi.rows:
+            style = Style(bold=row.selected)
+            out.append("▸" if row.selected else " ", style=style)
+            # The status is never cut: the parameters give way first.
+            status = "" if row.status == "complete" else f" ({row.status})"
+            label = fit(row.label, max(1, label_w - cell_len(status))) + status
+            out.append(label.ljust(label_w), style=style if row.status != "failed"
+                       else Style(color="red"))
+            if row.value is None:
+                out.append(f"{'·':>{value_w}}", style="dim")
+            else:
+                out.append(f"{format_value(row.value):>{value_w}}", style=style)
+            out.append("▲" if row.peak else " ", style="bold")
+            out.append("\n")
+        if mi.alternatives:
+            out.append("rollout: answers per fork", style="bold")
+            out.append("\n")
+            text_w = 8
+            for alt in mi.alternatives:
+                style = Style(bold=alt.emitted)
+                out.append("▶" if alt.emitted else " ", style=style)
+                out.append(fit(short_repr(alt.text, text_w), text_w), style=style)
+                prob = "" if alt.prob is None else f"{alt.prob * 100:3.0f}%"
+                out.append(f"{prob:>5} ", style=style)
+                hist = " ".join(f"{a}×{n}" for a, n in alt.answers) or "—"
+                room = max(4, width - 1 - text_w - 6)
+                if cell_len(hist) > room:
+                    hist = set_cell_size(hist, room - 1) + "…"
+                out.append(hist)
+                out.append("\n")

@@ -30,7 +30,7 @@ from forkview.ui.scale import (
     entropy_bin,
     high_entropy_positions,
     high_entropy_threshold,
-    token_style,
+    overlay_style,
 )
 from models.types import TokenStep
 
@@ -69,7 +69,9 @@ class TraceView(ScrollView, can_focus=True):
         Binding("home,g", "first", "first", show=False),
         Binding("end,G", "last", "last", show=False),
         Binding("n", "high(1)", "next high-H"),
-        Binding("N", "high(-1)", "prev high-H"),
+        Binding("N", "high(-1)", "prev high-H", show=False),
+        Binding("right_square_bracket", "peak(1)", "next MI peak", show=False),
+        Binding("left_square_bracket", "peak(-1)", "prev MI peak", show=False),
     ]
 
     cursor: reactive[int] = reactive(-1, always_update=True, repaint=False)
@@ -96,6 +98,12 @@ class TraceView(ScrollView, can_focus=True):
         self._high: list[int] = []
         self._high_set: set[int] = set()
         self.threshold: float | None = None
+        # The view (see scale.VIEWS) and, for the MI views, each token's MI colour step
+        # (None: no value) and the MI peaks.
+        self.view_mode = "entropy"
+        self._mi_bins: list[int | None] = []
+        self._peaks: list[int] = []
+        self._peak_set: set[int] = set()
         self._lines: list[list[_Piece]] = [[]]
         self._token_lines: list[tuple[int, int]] = []  # first and last line per token
         self._x = 0
@@ -133,6 +141,22 @@ class TraceView(ScrollView, can_focus=True):
         if self.follow and self.steps:
             self.cursor = len(self.steps) - 1
             self._scroll_to_cursor()
+        self.refresh()
+
+    @property
+    def peak_positions(self) -> list[int]:
+        return self._peaks
+
+    def is_peak(self, index: int) -> bool:
+        return index in self._peak_set
+
+    def set_overlay(self, view_mode: str, mi_bins: Sequence[int | None],
+                    peaks: Iterable[int]) -> None:
+        """Colour by entropy, MI or both; repaints only (the layout is unchanged)."""
+        self.view_mode = view_mode
+        self._mi_bins = list(mi_bins)
+        self._peaks = sorted(peaks)
+        self._peak_set = set(self._peaks)
         self.refresh()
 
     def _update_high(self) -> None:
@@ -211,12 +235,9 @@ class TraceView(ScrollView, can_focus=True):
             return Strip.blank(width, base)
         if line_no >= len(self._lines):
             return Strip.blank(width, base)
-        no_color = self.app.no_color
         segments = []
         for piece in self._lines[line_no]:
-            step = self.steps[piece.token]
-            style = token_style(entropy_bin(step.entropy), piece.token == self.cursor,
-                                piece.token in self._high_set, no_color)
+            style = self._style(piece.token, piece.token == self.cursor)
             segments.append(Segment(piece.text, base + style))
         return Strip(segments).adjust_cell_length(width, base)
 
@@ -302,6 +323,20 @@ class TraceView(ScrollView, can_focus=True):
             target = before[-1] if before else self._high[-1]
         self.select(target)
 
+    def action_peak(self, direction: int) -> None:
+        """Jump to the next (1) / previous (-1) MI peak, wrapping around."""
+        if not self._peaks:
+            self.notify("No MI peaks on this trace (press m to compute MI, v to show it).",
+                        timeout=3)
+            return
+        if direction > 0:
+            after = [i for i in self._peaks if i > self.cursor]
+            target = after[0] if after else self._peaks[0]
+        else:
+            before = [i for i in self._peaks if i < self.cursor]
+            target = before[-1] if before else self._peaks[-1]
+        self.select(target)
+
     def on_click(self, event: events.Click) -> None:
         line = self.scroll_offset.y + event.y
         target = self._token_at(line, event.x)
@@ -315,7 +350,11 @@ class TraceView(ScrollView, can_focus=True):
     def token_lines(self, index: int) -> tuple[int, int]:
         return self._token_lines[index]
 
+    def _style(self, index: int, cursor: bool) -> Style:
+        mi = self._mi_bins[index] if index < len(self._mi_bins) else None
+        return overlay_style(self.view_mode, entropy_bin(self.steps[index].entropy), mi,
+                             cursor, index in self._high_set, index in self._peak_set,
+                             self.app.no_color)
+
     def style_for(self, index: int) -> Style:
-        step = self.steps[index]
-        return token_style(entropy_bin(step.entropy), False, index in self._high_set,
-                           self.app.no_color)
+        return self._style(index, False)
