@@ -136,7 +136,7 @@ def run_estimator(
             finished += len(chunk.values)
             if progress:
                 progress(finished, len(wanted))
-            if cancel is not None and cancel.is_set():
+            if cancel is not None and cancel.is_set() and finished < len(wanted):
                 status = "stopped"
                 break
     except KeyboardInterrupt:

@@ -247,6 +247,11 @@ def test_short_params_and_rollout_details():
         "σ=median layer=12 norm=off")
     assert short_params("answer-gain", {"cue": "\nFinal answer: ", "stride": 4,
                                         "reference": "auto"}) == "stride=4"
+    from models.estimators import REGISTRY
+
+    expected = {"hsic": "σ=50", "answer-gain": "", "rollout": "S=8 p>0.05"}
+    for name, label in expected.items():  # at their defaults: the headline parameters only
+        assert short_params(name, dict(REGISTRY[name].defaults)) == label, name
     assert short_params("someday", {"a": 1, "b": 2, "c": 3}) == "a=1 b=2"
     [emitted, other] = rollout_alternatives(rollout_detail(22))
     assert emitted.emitted and emitted.text == "Wait" and emitted.prob == 0.62
@@ -507,13 +512,19 @@ async def test_no_color_marks_high_entropy_with_attributes(filled_db, monkeypatc
     path, ids = filled_db
     monkeypatch.setenv("NO_COLOR", "1")
     app = create_app(db_path=path, browse_only=True, open_trace=ids[0])
-    async with app.run_test(size=(80, 24)):
+    async with app.run_test(size=(80, 24)) as pilot:
         assert app.no_color
         view = app.screen.query_one(TraceView)
         high = view.high_positions[0]
         assert view.style_for(high).bold and view.style_for(high).underline
         low = next(i for i in range(len(view.steps)) if not view.is_high(i))
         assert not view.style_for(low).underline
+        # the "both" view: high entropy bold, MI peaks underlined
+        await pilot.press("v", "v")
+        peak = 7  # an hsic peak that is not a high-entropy token
+        assert not view.is_high(peak) and view.is_peak(peak)
+        assert view.style_for(peak).underline and not view.style_for(peak).bold
+        assert view.style_for(high).bold and not view.style_for(high).underline
 
 
 # ------------------------------------------------------------------ MI in the explorer
@@ -654,6 +665,25 @@ async def test_escape_during_mi_stops_and_keeps_finished_values(tiny_lm, db_path
         assert run.status == "complete" and run.n_values == n
         values = screen.store.mi_values(run.id)
         assert all(values[p] == v for p, v in kept.items())
+
+
+async def test_quitting_during_mi_leaves_the_run_stopped(tiny_lm, db_path, test_estimators):
+    app = create_app(db_path=db_path, lm=tiny_lm, params=GenerationParams(max_new_tokens=40),
+                     mi_estimators=["slow-test"])
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        await pilot.press(*"go", "enter")
+        await _wait_generation(pilot, screen)
+        await _until(pilot, lambda: screen.mi_progress is not None
+                     and screen.mi_progress.done >= 2)
+        tid = screen.trace_id
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+    assert app.return_code == 0
+    store = Store.open(db_path)
+    [run] = store.mi_runs(tid)
+    assert run.status == "stopped" and run.n_values >= 2
+    store.close()
 
 
 async def test_mi_errors_are_notified_not_raised(tiny_lm, db_path, test_estimators):

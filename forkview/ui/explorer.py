@@ -308,8 +308,9 @@ class ExplorerScreen(Screen[None]):
         mi_shown = self.view_mode != "entropy"
         view.set_overlay(self.view_mode, self.mi.bins(n) if mi_shown else [],
                          self.mi.peaks if mi_shown else [])
-        self.chart.set_mi(self.mi.value_list(n), self.mi.range, self.mi.peak_set)
         current = self.mi.current
+        self.chart.set_mi(self.mi.value_list(n) if current else [], self.mi.range,
+                          self.mi.peak_set)
         self.legend.set_view(self.view_mode, series_label=current.label if current else None,
                              mi_range=self.mi.range, rule=self.mi.rule,
                              n_peaks=len(self.mi.peaks), hint=self._mi_hint())

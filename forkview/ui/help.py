@@ -66,7 +66,8 @@ NOTES = (
     "the trace), markers • high entropy (top 20%), ▲ MI peak, ◆ both; the reversed column "
     "is the cursor. With many tokens a column holds several (bars show the largest). The "
     "side panel lists every MI run at the cursor (▸ = shown, ▲ = peak) and, at a rollout "
-    "position, the answers each forked alternative reached."
+    "position, the answers each forked alternative reached. With NO_COLOR, the both "
+    "view marks high entropy bold and MI peaks underlined."
 )
 
 
