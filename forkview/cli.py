@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "kept in SQLite. Without a command, opens the explorer.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--mi", default="hsic,answer-gain", metavar="NAMES",
+                   help="MI estimators the explorer computes after each generation "
+                   "(default hsic,answer-gain; 'none' for none)")
     _model_options(p)
     _db_option(p)
     _generation_options(p)
@@ -420,11 +423,13 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from models.loading import resolve_spec
 
     resolve_spec(args.model)  # a path that doesn't exist fails here, before the TUI opens
+    names = [] if args.mi.strip() in ("", "none") else args.mi.split(",")
+    mi_names = [e.name for e in _estimators(names, [])]  # unknown names fail here too
     from forkview.app import create_app
 
     app = create_app(
         db_path=args.db or default_db_path(), model_spec=args.model, device=args.device,
-        dtype=args.dtype, params=_params(args),
+        dtype=args.dtype, params=_params(args), mi_estimators=mi_names,
     )
     app.run()
     return int(getattr(app, "return_code", 0) or 0)
