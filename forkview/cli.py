@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", dest="model_filter", default=None,
                    help="only traces whose model name or spec contains this")
     t.add_argument("--limit", type=_positive_int, default=None)
+    t.add_argument("--branches", action="store_true",
+                   help="also list branches and rollout continuations (traces with a parent)")
     return p
 
 
@@ -375,7 +377,8 @@ def cmd_traces(args: argparse.Namespace) -> int:
     from store import Store
 
     store = Store.open(args.db, readonly=True)
-    infos = store.list_traces(search=args.search, model=args.model_filter, limit=args.limit)
+    infos = store.list_traces(search=args.search, model=args.model_filter, limit=args.limit,
+                              roots_only=not args.branches)
     if args.json:
         out = [
             {

@@ -104,7 +104,10 @@ class BrowserScreen(Screen[int | None]):
         search = self.query_one("#filter-text", Input).value.strip() or None
         model = self.query_one("#filter-model", Input).value.strip() or None
         try:
-            self.traces = self.store.list_traces(search=search, model=model, limit=LIST_LIMIT)
+            # Branches and rollout continuations (often hundreds per trace) belong in a
+            # trace's family, not in this list.
+            self.traces = self.store.list_traces(search=search, model=model, limit=LIST_LIMIT,
+                                                 roots_only=True)
         except StoreError as e:
             self.notify(str(e), severity="error")
             self.traces = []
