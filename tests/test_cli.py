@@ -326,3 +326,20 @@ def test_sample_db_opens_read_only_and_unchanged():
     assert len(greedy) >= 20 and len(sampled) >= 20
     assert hashlib.sha256(sample.read_bytes()).hexdigest() == before
     assert not (ROOT / "sample_db" / "arith.db-wal").exists()
+
+
+def test_sample_db_carries_mi():
+    store = Store.open(ROOT / "sample_db" / "arith.db", readonly=True)
+    roots = store.list_traces(roots_only=True)
+    with_rollout = 0
+    for info in roots:
+        runs = {r.estimator: r for r in store.mi_runs(info.id)}
+        assert {"hsic", "answer-gain"} <= set(runs), info.id
+        for name in ("hsic", "answer-gain"):
+            assert runs[name].status == "complete"
+            assert runs[name].n_values == info.n_tokens
+        if "rollout" in runs:
+            assert runs["rollout"].status == "complete" and runs["rollout"].n_values > 0
+            with_rollout += 1
+    assert with_rollout >= 5
+    assert len(store.list_traces()) > len(roots)  # the continuations are kept as traces
