@@ -288,7 +288,9 @@ def cmd_mi(args: argparse.Namespace) -> int:
     if args.samples is not None:
         params.append(f"samples={args.samples}")
     (est,) = _estimators([args.estimator], params)
-    store = Store.open(args.db, create=False)
+    # Everything is checked on a read-only open first: a bad trace id or position
+    # leaves the file untouched (a writing open switches it to WAL mode).
+    store = Store.open(args.db, readonly=True)
     infos = ([store.trace(t) for t in args.trace] if args.trace
              else [t for t in reversed(store.list_traces(roots_only=True))
                    if t.status != "running"])
@@ -297,6 +299,8 @@ def cmd_mi(args: argparse.Namespace) -> int:
     for info in infos:  # every position spec is checked before any model is loaded
         resolve_positions(args.positions, est.default_positions,
                           trace_data(store, info.id).entropies)
+    store.close()
+    store = Store.open(args.db)
     by_spec: dict[str, list[Any]] = {}
     for info in infos:
         by_spec.setdefault(args.mi_model or info.model_spec, []).append(info)
@@ -460,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UsageError as e:
-        parser.error(str(e))  # exits 2 with the usage line
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     except (ModelError, StoreError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
