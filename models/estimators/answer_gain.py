@@ -8,8 +8,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from models.errors import ModelError
-from models.estimators.base import Estimator, EstimatorChunk, TraceData, register
-from models.estimators.hsic import pick_reference
+from models.estimators.base import (
+    Estimator,
+    EstimatorChunk,
+    TraceData,
+    pick_reference,
+    register,
+)
 
 
 @register

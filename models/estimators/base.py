@@ -143,3 +143,22 @@ def parse_params(name: str, pairs: Iterable[str]) -> dict[str, Any]:
 
 def finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
+
+
+REFERENCES = ("auto", "solution", "answer", "self")
+
+
+def pick_reference(trace: TraceData, which: str) -> tuple[str, str]:
+    """(text, kind): the text h_y is computed from, and where it came from."""
+    from models.answers import extract_answer
+
+    if which in ("auto", "solution") and trace.reference_solution:
+        return trace.reference_solution, "solution"
+    if which in ("auto", "answer") and trace.reference_answer:
+        return trace.reference_answer, "answer"
+    if which in ("auto", "self"):
+        got = extract_answer(trace.text)
+        if got is not None:
+            return got.value, "self"
+    raise ModelError(f"no {'answer' if which == 'auto' else which} reference for this trace "
+                     "(no reference given and no answer extractable from its text)")

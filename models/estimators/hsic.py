@@ -17,25 +17,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from models.errors import ModelError
-from models.estimators.base import Estimator, EstimatorChunk, TraceData, register
-
-REFERENCES = ("auto", "solution", "answer", "self")
-
-
-def pick_reference(trace: TraceData, which: str) -> tuple[str, str]:
-    """(text, kind): the text h_y is computed from, and where it came from."""
-    from models.answers import extract_answer
-
-    if which in ("auto", "solution") and trace.reference_solution:
-        return trace.reference_solution, "solution"
-    if which in ("auto", "answer") and trace.reference_answer:
-        return trace.reference_answer, "answer"
-    if which in ("auto", "self"):
-        got = extract_answer(trace.text)
-        if got is not None:
-            return got.value, "self"
-    raise ModelError(f"no {'answer' if which == 'auto' else which} reference for this trace "
-                     "(no reference given and no answer extractable from its text)")
+from models.estimators.base import (
+    REFERENCES,
+    Estimator,
+    EstimatorChunk,
+    TraceData,
+    pick_reference,
+    register,
+)
 
 
 @register
