@@ -95,6 +95,9 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
+        # Subcommand options like `fork --top` must not be read as abbreviations of the
+        # explorer's --top-p / --top-k.
+        allow_abbrev=False,
         description="Watch a language model reason token by token: entropy per token, "
         "kept in SQLite. Without a command, opens the explorer.",
     )
@@ -147,6 +150,57 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     m.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "bfloat16", "float16"])
+
+    f = sub.add_parser("fork", help="grow branches from a position of a saved trace")
+    _db_option(f)
+    f.add_argument("--trace", type=int, required=True, metavar="ID")
+    f.add_argument("--position", type=int, required=True, metavar="P",
+                   help="position as in 'annotate --json' (0 = first generated token); the "
+                   "branch's token(s) replace the token there")
+    what = f.add_mutually_exclusive_group(required=True)
+    what.add_argument("--token", metavar="TEXT",
+                      help="force this text (one or more tokens) at P, then generate")
+    what.add_argument("--top", type=_positive_int, metavar="K",
+                      help="one branch per recorded alternative: the K most likely tokens "
+                      "other than the one the trace took")
+    what.add_argument("--sample", type=_positive_int, metavar="N",
+                      help=f"N continuations sampled in one batch (default temperature "
+                      f"{1.0:g} when the trace was greedy)")
+    f.add_argument("--keep-token", action="store_true",
+                   help="with --sample: keep the trace's token at P (default: draw it anew)")
+    f.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N",
+                   help="tokens generated after the forced ones (default: the trace's)")
+    f.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="seed of the first branch (branch i gets S + i; default: random)")
+    f.add_argument("--temperature", type=_float_range(0.0, 100.0), default=None, metavar="T",
+                   help="default: the trace's (1 for --sample from a greedy trace)")
+    f.add_argument("--json", action="store_true",
+                   help="one JSON object per branch and line, as 'annotate --json' plus "
+                   "parent_trace_id, fork_position and forced_token_ids")
+    f.add_argument("--model", dest="fork_model", default=None, metavar="SPEC",
+                   help="default: the model that made the trace (another model must have "
+                   "the same tokenizer)")
+    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    f.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+    tr = sub.add_parser("tree", help="show a trace's family: root, branches, rollouts")
+    _db_option(tr)
+    tr.add_argument("--trace", type=int, required=True, metavar="ID",
+                    help="any member of the family")
+    tr.add_argument("--json", action="store_true", help="nested JSON")
+    tr.add_argument("--rollouts", action="store_true",
+                    help="list rollout continuations one by one (default: summarised)")
+
+    rp = sub.add_parser("replay", help="regenerate a trace from its stored provenance and "
+                        "check it matches token for token")
+    _db_option(rp)
+    rp.add_argument("--trace", type=int, required=True, metavar="ID")
+    rp.add_argument("--json", action="store_true")
+    rp.add_argument("--model", dest="replay_model", default=None, metavar="SPEC",
+                    help="default: the model that made the trace")
+    rp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    rp.add_argument("--dtype", default="auto",
+                    choices=["auto", "float32", "bfloat16", "float16"])
 
     t = sub.add_parser("traces", help="list saved traces, newest first")
     _db_option(t)
@@ -411,6 +465,172 @@ def cmd_traces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _branch_json(store: Any, trace_id: int, lm: Any) -> dict[str, Any]:
+    info = store.trace(trace_id)
+    steps = store.tokens(trace_id)
+    head = "".join(s.text for s in store.full_tokens(trace_id)[: info.fork_position or 0])
+    return {
+        "trace_id": info.id, "uid": info.uid, "model": lm.name, "model_spec": lm.spec,
+        "device": lm.device, "dtype": lm.dtype, "prompt": info.prompt,
+        "reference_answer": info.reference_answer, "prompt_token_ids": info.prompt_token_ids,
+        "params": info.params.to_json(), "status": info.status,
+        "stop_reason": info.stop_reason, "parent_trace_id": info.parent_trace_id,
+        "fork_position": info.fork_position, "forced_token_ids": info.forced_token_ids,
+        "origin": info.origin, "text": info.text, "full_text": head + info.text,
+        "answer": info.answer, "correct": info.correct,
+        "tokens": [s.to_json() for s in steps],
+    }
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from forkview import forks
+    from store import Store
+
+    if args.keep_token and args.sample is None:
+        raise UsageError("--keep-token goes with --sample")
+    if args.token is not None and not args.token:
+        raise UsageError("the forced text (--token) is empty")
+    # Check the request on a read-only open: a bad id or position changes nothing.
+    store = Store.open(args.db, readonly=True)
+    source = forks.load_source(store, args.trace)
+    forks.check_position(source, args.position)
+    store.close()
+    from models.loading import load_model
+
+    quiet = args.json or not sys.stderr.isatty()
+    lm = load_model(args.fork_model or source.info.model_spec, args.device, args.dtype,
+                    status=None if quiet else _status)
+    store = Store.open(args.db)
+    source = forks.load_source(store, args.trace)
+    forks.check_tokenizer(store, source, lm)
+    params = forks.branch_params(source, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                 temperature=args.temperature, sampling=args.sample is not None)
+    if args.token is not None:
+        plan = [forks.PlannedBranch(forks.encode_text(lm, args.token), params, "fork",
+                                    repr(args.token))]
+    elif args.top is not None:
+        plan = forks.plan_alternatives(source, args.position, args.top, params)
+        if args.seed is not None:
+            plan = [forks.PlannedBranch(b.forced, replace(b.params, seed=args.seed + i),
+                                        b.origin, b.label) for i, b in enumerate(plan)]
+    else:
+        plan = forks.plan_samples(source, args.position, args.sample, args.keep_token, params)
+    started: list[int] = []
+    counts = [0] * len(plan)
+
+    def progress(row: int, _step: Any) -> None:
+        counts[row] += 1
+        if not quiet and sum(counts) % 32 == 0:
+            _status(f"{sum(counts)} tokens over {len(plan)} branch(es)...")
+
+    if not quiet:
+        _status(f"growing {len(plan)} branch(es) of trace {source.info.id} at position "
+                f"{args.position}")
+    try:
+        results = forks.grow(lm, store, source, args.position, plan,
+                             on_start=lambda _r, tid: started.append(tid), on_step=progress)
+    except KeyboardInterrupt:
+        if started:
+            _status(f"interrupted: branches {', '.join(map(str, started))} kept (stopped)")
+        return 130
+    for b, r in zip(plan, results, strict=True):
+        if args.json:
+            json.dump(_branch_json(store, r.trace_id, lm), sys.stdout, ensure_ascii=False)
+            sys.stdout.write("\n")
+        else:
+            print(r.trace_id)
+            if not quiet:
+                mark = {True: "correct", False: "wrong", None: "-"}[r.correct]
+                _status(f"  branch {r.trace_id}: {b.label}, {len(r.output.steps)} tokens, "
+                        f"{r.output.stop_reason}, answer {r.answer!r} ({mark})")
+    return 0
+
+
+def _tree_lines(node: dict[str, Any], show_rollouts: bool, prefix: str = "",
+                last: bool = True, top: bool = True) -> list[str]:
+    mark = {True: "✓", False: "✗", None: ""}[node["correct"]]
+    answer = f"answer {node['answer']!r}{mark}" if node["answer"] is not None else "no answer"
+    if top:
+        head = f"#{node['trace_id']} {node['origin']} {node['status']}"
+    else:
+        forced = node["forced_token_ids"]
+        how = ("resampled" if forced == [] else f"forced {len(forced or [])} token(s)")
+        head = f"@{node['fork_position']} #{node['trace_id']} {node['origin']} ({how}) " \
+               f"{node['status']}"
+    text = " ".join(node["text"].split())
+    line = f"{head}  {node['n_tokens']} tok  {answer}  {text[:40]!r}"
+    out = [line if top else prefix + ("└─ " if last else "├─ ") + line]
+    child_prefix = "" if top else prefix + ("   " if last else "│  ")
+    kids = node["children"]
+    rollouts = [k for k in kids if k["origin"] == "rollout"]
+    shown = kids if show_rollouts else [k for k in kids if k["origin"] != "rollout"]
+    extra = []
+    if rollouts and not show_rollouts:
+        positions = sorted({k["fork_position"] for k in rollouts})
+        answers: dict[Any, int] = {}
+        for k in rollouts:
+            answers[k["answer"]] = answers.get(k["answer"], 0) + 1
+        common = ", ".join(f"{a!r}×{n}" for a, n in
+                           sorted(answers.items(), key=lambda kv: -kv[1])[:4])
+        extra.append(f"{len(rollouts)} rollout continuations at {len(positions)} positions "
+                     f"(answers {common}; --rollouts lists them)")
+    for i, k in enumerate(shown):
+        is_last = i == len(shown) - 1 and not extra
+        out += _tree_lines(k, show_rollouts, child_prefix, is_last, top=False)
+    for line in extra:
+        out.append(child_prefix + "└─ " + line)
+    return out
+
+
+def cmd_tree(args: argparse.Namespace) -> int:
+    from forkview.forks import family_tree
+    from store import Store
+
+    store = Store.open(args.db, readonly=True)
+    tree = family_tree(store, args.trace)
+    if args.json:
+        json.dump(tree, sys.stdout, ensure_ascii=False, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    print("\n".join(_tree_lines(tree, args.rollouts)))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from forkview import forks
+    from store import Store
+
+    store = Store.open(args.db, readonly=True)
+    info = store.trace(args.trace)
+    forks.check_replayable(info)
+    from models.loading import load_model
+
+    quiet = args.json or not sys.stderr.isatty()
+    lm = load_model(args.replay_model or info.model_spec, args.device, args.dtype,
+                    status=None if quiet else _status)
+    result = forks.replay(lm, store, args.trace)
+    if args.json:
+        out = {k: getattr(result, k) for k in (
+            "trace_id", "matches", "compared", "first_mismatch", "max_logprob_diff", "note",
+            "stored_ids", "replayed_ids")}
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    elif result.matches:
+        print(f"trace {args.trace} replays token for token ({result.compared} tokens; max "
+              f"|logprob difference| {result.max_logprob_diff:.2g} nats)"
+              + (f"; {result.note}" if result.note else ""))
+    else:
+        pos = result.first_mismatch
+        i = pos - (info.fork_position or 0)
+        got = result.replayed_ids[i] if i < len(result.replayed_ids) else None
+        want = result.stored_ids[i] if i < len(result.stored_ids) else None
+        print(f"trace {args.trace} differs at position {pos}: stored token id {want}, "
+              f"replayed {got} ({result.compared} tokens matched before)")
+    return 0 if result.matches else 1
+
+
 def cmd_browse(args: argparse.Namespace) -> int:
     from store import Store
 
@@ -449,6 +669,9 @@ COMMANDS = {
     "export": cmd_export,
     "mi": cmd_mi,
     "traces": cmd_traces,
+    "fork": cmd_fork,
+    "tree": cmd_tree,
+    "replay": cmd_replay,
 }
 
 
@@ -458,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, _raise_interrupt)
+    from forkview.forks import ForkError
     from models.errors import ModelError
     from store.errors import StoreError
 
@@ -466,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except (ModelError, StoreError) as e:
+    except (ModelError, StoreError, ForkError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -37,7 +37,7 @@ class AnnotationResult:
 def model_row_id(store: Store, lm: LoadedModel) -> int:
     return store.upsert_model(
         name=lm.name, spec=lm.spec, kind=lm.kind, dtype=lm.dtype, device=lm.device,
-        content_hash=lm.content_hash, revision=lm.revision,
+        content_hash=lm.content_hash, revision=lm.revision, tokenizer_hash=lm.tokenizer_hash,
     )
 
 

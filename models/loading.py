@@ -66,6 +66,28 @@ class LoadedModel:
             ids.add(int(self.tokenizer.eos_token_id))
         return ids
 
+    @property
+    def tokenizer_hash(self) -> str:
+        """Fingerprint of how token ids read (see `tokenizer_fingerprint`), memoised."""
+        cached = self.__dict__.get("_tokenizer_hash")
+        if cached is None:
+            cached = tokenizer_fingerprint(self.tokenizer)
+            self.__dict__["_tokenizer_hash"] = cached
+        return cached
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the id -> token-string mapping (added tokens included) and the special
+    ids. Two tokenizers with the same fingerprint give every token id the same meaning,
+    which is what forking and rescoring stored ids need. (Merges are not included:
+    they change how new text is split, not what a stored id means.)"""
+    vocab = tokenizer.get_vocab()
+    by_id = sorted((int(i), str(t)) for t, i in vocab.items())
+    special = {k: getattr(tokenizer, k, None)
+               for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    blob = json.dumps({"vocab": by_id, "special": special}, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
 
 @dataclass(frozen=True)
 class ResolvedSpec:

@@ -27,7 +27,7 @@ from sqlmodel import Session, SQLModel, create_engine, select
 
 from models.types import Alternative, GenerationParams, TokenStep
 from store.errors import StoreError
-from store.schema import SCHEMA_VERSION, ModelRow, PromptRow, TraceRow
+from store.schema import ORIGINS, SCHEMA_VERSION, ModelRow, PromptRow, TraceRow
 
 FORKVIEW_TABLES = {"meta", "models", "prompts", "traces", "tokens"}
 
@@ -68,8 +68,16 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     # mi_runs and mi_values are new tables: create_all makes them after the upgrade.
 
 
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE models ADD COLUMN tokenizer_hash VARCHAR")
+    conn.execute("ALTER TABLE traces ADD COLUMN origin VARCHAR NOT NULL DEFAULT 'generate'")
+    # Before version 4 the only traces with a parent were rollout continuations.
+    conn.execute("UPDATE traces SET origin = 'rollout' WHERE parent_trace_id IS NOT NULL")
+    # token_scores is a new table: create_all makes it after the upgrade.
+
+
 # MIGRATIONS[n] upgrades a file from schema n to n + 1.
-MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 @dataclass
@@ -101,6 +109,14 @@ class TraceInfo:
     source_set: str | None = None
     source_id: str | None = None
     model_id: int | None = None
+    origin: str = "generate"
+    forced_token_ids: list[int] | None = None
+    model_tokenizer_hash: str | None = None
+    prompt_id: int | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent_trace_id is None
 
 
 @dataclass
@@ -273,6 +289,7 @@ class Store:
         device: str,
         content_hash: str | None = None,
         revision: str | None = None,
+        tokenizer_hash: str | None = None,
     ) -> int:
         with Session(self.engine) as s:
             found = s.exec(
@@ -285,10 +302,14 @@ class Store:
                 )
             ).first()
             if found is not None:
+                if tokenizer_hash and not found.tokenizer_hash:
+                    found.tokenizer_hash = tokenizer_hash
+                    s.add(found)
+                    s.commit()
                 return int(found.id)  # type: ignore[arg-type]
             row = ModelRow(name=name, spec=spec, kind=kind, content_hash=content_hash,
-                           revision=revision, dtype=dtype, device=device,
-                           created_at=now_iso())
+                           revision=revision, tokenizer_hash=tokenizer_hash, dtype=dtype,
+                           device=device, created_at=now_iso())
             s.add(row)
             s.commit()
             return int(row.id)  # type: ignore[arg-type]
@@ -336,14 +357,23 @@ class Store:
         parent_trace_id: int | None = None,
         fork_position: int | None = None,
         forced_token_ids: Sequence[int] | None = None,
+        origin: str | None = None,
     ) -> int:
+        if origin is None:
+            origin = "generate" if parent_trace_id is None else "fork"
+        if origin not in ORIGINS:
+            raise StoreError(f"unknown trace origin {origin!r}")
         row = TraceRow(
             uid=uuid.uuid4().hex,
             model_id=model_id,
             prompt_id=prompt_id,
             parent_trace_id=parent_trace_id,
             fork_position=fork_position,
-            forced_token_ids=json.dumps(list(forced_token_ids)) if forced_token_ids else None,
+            forced_token_ids=(json.dumps([int(i) for i in forced_token_ids])
+                              if forced_token_ids is not None
+                              and (parent_trace_id is not None or len(forced_token_ids))
+                              else None),
+            origin=origin,
             prompt_token_ids=json.dumps([int(i) for i in prompt_token_ids]),
             raw=params.raw,
             max_new_tokens=params.max_new_tokens,
@@ -378,6 +408,7 @@ class Store:
         answer: str | None,
         answer_method: str | None,
         model_id: int | None = None,
+        origin: str = "rollout",
     ) -> int:
         """A finished continuation forked from a trace (e.g. an MI rollout). It shares
         the parent's prompt; its `text` and tokens start at `fork_position` (positions
@@ -391,7 +422,7 @@ class Store:
             model_id=model_id or parent.model_id, prompt_id=prompt_id,
             prompt_token_ids=parent.prompt_token_ids, params=params,
             parent_trace_id=parent_trace_id, fork_position=fork_position,
-            forced_token_ids=forced_token_ids,
+            forced_token_ids=forced_token_ids, origin=origin,
         )
         with self.engine.begin() as conn:
             if steps:
@@ -448,7 +479,8 @@ class Store:
             "t.tokens_per_second, t.parent_trace_id, t.fork_position, t.prompt_token_ids, "
             "t.max_new_tokens, t.temperature, t.top_p, t.top_k, t.seed, t.stop, "
             "t.top_alternatives, t.raw, t.error, t.answer, t.answer_method, t.correct, "
-            "p.reference_solution, p.source_set, p.source_id, t.model_id "
+            "p.reference_solution, p.source_set, p.source_id, t.model_id, t.origin, "
+            "t.forced_token_ids, m.tokenizer_hash, t.prompt_id "
             "FROM traces t JOIN models m ON m.id = t.model_id "
             "JOIN prompts p ON p.id = t.prompt_id " + clause
         )
@@ -469,7 +501,9 @@ class Store:
                 prompt_token_ids=json.loads(r[15]), params=params, error=r[24],
                 answer=r[25], answer_method=r[26],
                 correct=None if r[27] is None else bool(r[27]), reference_solution=r[28],
-                source_set=r[29], source_id=r[30], model_id=r[31],
+                source_set=r[29], source_id=r[30], model_id=r[31], origin=r[32] or "generate",
+                forced_token_ids=None if r[33] is None else json.loads(r[33]),
+                model_tokenizer_hash=r[34], prompt_id=r[35],
             ))
         return out
 
@@ -488,6 +522,93 @@ class Store:
             )
             for r in rows
         ]
+
+    # ------------------------------------------------------------------ families (forks)
+    def children(self, trace_id: int) -> list[TraceInfo]:
+        """Direct branches of a trace, by fork position then id."""
+        return self._trace_infos("WHERE t.parent_trace_id = ? ORDER BY t.fork_position, t.id",
+                                 (int(trace_id),))
+
+    def ancestors(self, trace_id: int) -> list[TraceInfo]:
+        """The chain from the root down to the trace itself (root first)."""
+        chain = [self.trace(trace_id)]
+        while chain[0].parent_trace_id is not None:
+            chain.insert(0, self.trace(chain[0].parent_trace_id))
+        return chain
+
+    def root_id(self, trace_id: int) -> int:
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                "WITH RECURSIVE up(id, parent) AS ("
+                " SELECT id, parent_trace_id FROM traces WHERE id = ?"
+                " UNION ALL SELECT t.id, t.parent_trace_id FROM traces t JOIN up"
+                " ON t.id = up.parent) SELECT id FROM up WHERE parent IS NULL",
+                (int(trace_id),),
+            ).first()
+        if row is None:
+            raise StoreError(f"no trace with id {trace_id} in {self.path}")
+        return int(row[0])
+
+    def descendant_ids(self, trace_id: int) -> list[int]:
+        """Every trace below this one (not itself), breadth first. One recursive query
+        over the indexed parent link."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "WITH RECURSIVE down(id, depth) AS ("
+                " SELECT id, 1 FROM traces WHERE parent_trace_id = ?"
+                " UNION ALL SELECT t.id, down.depth + 1 FROM traces t JOIN down"
+                " ON t.parent_trace_id = down.id) SELECT id FROM down ORDER BY depth, id",
+                (int(trace_id),),
+            ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def family(self, trace_id: int) -> list[TraceInfo]:
+        """The whole family of the trace's root: the root first, then every descendant
+        (branches, branches of branches, rollout continuations), parents before
+        children."""
+        root = self.root_id(trace_id)
+        ids = [root, *self.descendant_ids(root)]
+        infos = {t.id: t for t in self._trace_infos(
+            "WHERE t.id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))}
+        return [infos[i] for i in ids if i in infos]
+
+    def full_tokens(self, trace_id: int) -> list[TokenStep]:
+        """The trace's whole response: for a branch, its ancestors' tokens before the
+        fork position, then its own (stored from the fork position on)."""
+        chain = self.ancestors(trace_id)
+        steps = self.tokens(chain[0].id)
+        for node in chain[1:]:
+            cut = node.fork_position or 0
+            steps = [st for st in steps if st.position < cut] + self.tokens(node.id)
+        return steps
+
+    def delete_branch(self, trace_id: int) -> list[int]:
+        """Delete a branch and everything below it (tokens, MI runs, scores go with
+        them). A root that still has branches is refused; a root without branches is
+        deleted on its own. Returns the ids deleted."""
+        info = self.trace(trace_id)
+        below = self.descendant_ids(trace_id)
+        if info.parent_trace_id is None and below:
+            raise StoreError(f"trace {trace_id} is a root with {len(below)} branch"
+                             f"{'es' if len(below) != 1 else ''}; delete the branches first")
+        ids = [int(trace_id), *below]
+        with self.engine.connect() as conn:
+            running = conn.exec_driver_sql(
+                "SELECT id FROM traces WHERE status = 'running' AND id IN "
+                "(SELECT value FROM json_each(?))", (json.dumps(ids),)).first()
+        if running is not None:
+            raise StoreError(f"trace {running[0]} is still running; stop it before deleting")
+        with self.engine.begin() as conn:
+            # Children before parents (the parent link is a foreign key).
+            for tid in reversed(ids):
+                for table in ("tokens", "token_scores"):
+                    conn.exec_driver_sql(f"DELETE FROM {table} WHERE trace_id = ?", (tid,))
+                conn.exec_driver_sql(
+                    "DELETE FROM mi_values WHERE run_id IN "
+                    "(SELECT id FROM mi_runs WHERE trace_id = ?)", (tid,))
+                conn.exec_driver_sql("DELETE FROM mi_runs WHERE trace_id = ?", (tid,))
+                conn.exec_driver_sql("DELETE FROM traces WHERE id = ?", (tid,))
+        return ids
 
     # ------------------------------------------------------------------ answers and MI
     def set_answer(self, trace_id: int, answer: str | None, method: str | None,

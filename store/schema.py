@@ -15,8 +15,14 @@ from sqlmodel import Field, SQLModel
 # Version 1: first release layout. Version 2 added traces.stop_reason,
 # traces.tokens_per_second, traces.host and traces.pid (crash recovery). Version 3 added
 # prompts.reference_solution, traces.answer/answer_method/correct and the MI tables
-# mi_runs and mi_values.
-SCHEMA_VERSION = 3
+# mi_runs and mi_values. Version 4 added models.tokenizer_hash, traces.origin and the
+# token_scores table (a trace's tokens scored by a second model).
+SCHEMA_VERSION = 4
+
+# How a trace came to be: generate (a root), fork (a chosen or typed token at a
+# position), sample (one of N continuations sampled from a position), rollout (a
+# continuation made by the rollout MI estimator).
+ORIGINS = ("generate", "fork", "sample", "rollout")
 
 STATUSES = ("running", "complete", "stopped", "failed")
 
@@ -37,6 +43,9 @@ class ModelRow(SQLModel, table=True):
     kind: str  # default | gguf | dir | hub | object
     content_hash: str | None = None  # sha256 of a GGUF file, or a file fingerprint
     revision: str | None = None  # hub commit
+    # sha256 of the tokenizer's id -> token mapping and special ids: two models with the
+    # same hash read the same token ids the same way (forking, rescoring).
+    tokenizer_hash: str | None = None
     dtype: str
     device: str
     created_at: str
@@ -71,6 +80,7 @@ class TraceRow(SQLModel, table=True):
     )
     fork_position: int | None = None
     forced_token_ids: str | None = None  # JSON list
+    origin: str = "generate"  # generate | fork | sample | rollout (ORIGINS)
     prompt_token_ids: str  # JSON list: exactly the ids fed to the model
     raw: bool = False  # True: prompt sent without the chat template
     max_new_tokens: int
@@ -110,6 +120,28 @@ class TokenRow(SQLModel, table=True):
     entropy: float  # nats, full vocabulary, T = 1
     sampling_entropy: float  # nats, distribution actually sampled from
     top: str = Field(sa_column=Column(Text, nullable=False))  # JSON [{token_id,text,prob}]
+
+
+class TokenScoreRow(SQLModel, table=True):
+    """A stored token as scored (teacher forced) by another model: `forkview rescore`.
+
+    Aligned with tokens.position of the same trace; the values are those of the
+    distribution of `model_id` at that step (T = 1, full vocabulary, nats).
+    """
+
+    __tablename__ = "token_scores"
+
+    trace_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("traces.id", ondelete="CASCADE"), primary_key=True)
+    )
+    model_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("models.id"), primary_key=True)
+    )
+    position: int = Field(primary_key=True)
+    logprob: float  # ln p(token) under model_id
+    rank: int  # 1 = that model's argmax
+    entropy: float  # nats
+    top: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # JSON
 
 
 class MIRunRow(SQLModel, table=True):

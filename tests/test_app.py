@@ -28,7 +28,7 @@ from forkview.ui.chart import LABEL_W, StripChart
 from forkview.ui.explorer import ExplorerScreen
 from forkview.ui.help import HelpScreen
 from forkview.ui.mi_data import rollout_alternatives, short_params
-from forkview.ui.peaks import RULES, bin_edges, find_peaks, quantile, scale_bin, scale_range
+from forkview.analysis.peaks import RULES, bin_edges, find_peaks, quantile, scale_bin, scale_range
 from forkview.ui.scale import (
     NEUTRAL_STYLE,
     VIRIDIS,

@@ -22,7 +22,7 @@ from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
 
-from forkview.ui.peaks import bin_edges, scale_bin
+from forkview.analysis.peaks import bin_edges, scale_bin
 from forkview.ui.scale import CURSOR_STYLE, VIRIDIS, entropy_bin
 
 BLOCKS = "▁▂▃▄▅▆▇█"

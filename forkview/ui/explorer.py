@@ -24,6 +24,7 @@ from textual.timer import Timer
 from textual.widgets import Footer, Input
 from textual.worker import Worker
 
+from forkview.analysis.peaks import RULES
 from forkview.ui.chart import StripChart
 from forkview.ui.messages import (
     GenerationFinished,
@@ -34,7 +35,6 @@ from forkview.ui.messages import (
     TokensArrived,
 )
 from forkview.ui.mi_data import MISeries, MIState, panel_mi
-from forkview.ui.peaks import RULES
 from forkview.ui.scale import VIEWS
 from forkview.ui.status import Legend, StatusLine
 from forkview.ui.token_panel import TokenPanel

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkview.ui.peaks import TUKEY, PeakRule, find_peaks, scale_bin, scale_range
+from forkview.analysis.peaks import TUKEY, PeakRule, find_peaks, scale_bin, scale_range
 from store.db import MIRunInfo
 
 # Parameters that tell runs of one estimator apart at a glance, shown even at their

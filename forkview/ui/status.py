@@ -8,7 +8,7 @@ from textual.containers import Horizontal
 from textual.widget import Widget
 from textual.widgets import Label
 
-from forkview.ui.peaks import TUKEY, PeakRule
+from forkview.analysis.peaks import TUKEY, PeakRule
 from forkview.ui.scale import HIGH_ENTROPY_FRACTION, N_BINS, bin_label, bin_style
 
 
@@ -17,7 +17,7 @@ class Legend(Widget):
 
     entropy: the fixed absolute scale (0 … 3+ nats) and this trace's high-entropy cut;
     mi: the chosen MI series, its per-trace scale (5th..95th percentile, see
-    forkview.ui.peaks) and its peaks with their rule; both: the entropy scale and the
+    forkview.analysis.peaks) and its peaks with their rule; both: the entropy scale and the
     MI peaks (underlined in the trace).
     """
 
