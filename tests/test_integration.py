@@ -260,3 +260,34 @@ def test_pipeline_records_answer_and_correctness(tiny_lm, db_path):
     record_answer(store, result.trace_id, "no idea", "4")
     info = store.trace(result.trace_id)
     assert info.answer is None and info.correct is None
+
+
+@pytest.mark.integration
+def test_real_model_branches_keep_the_prefix_and_replay(real_lm, store: Store) -> None:
+    """On the embedded model: a chosen alternative, a typed text and sampled branches
+    keep the parent's tokens before the fork, the chosen alternative's probability at
+    the fork is the parent's recorded one, and every branch replays token for token."""
+    from forkview import forks
+
+    root = annotate_prompt(real_lm, store, "What is 6 times 7? Answer briefly.",
+                           GenerationParams(max_new_tokens=24)).trace_id
+    source = forks.load_source(store, root)
+    pos = max(range(2, len(source.steps)), key=lambda i: source.steps[i].entropy)
+    params = forks.branch_params(source, max_new_tokens=12)
+    plan = forks.plan_alternatives(source, pos, 1, params)
+    plan.append(forks.PlannedBranch(forks.encode_text(real_lm, " forty"), params, "fork", "t"))
+    made = forks.grow(real_lm, store, source, pos, plan[:1])
+    made += forks.grow(real_lm, store, source, pos, plan[1:])
+    made += forks.grow(real_lm, store, source, pos, forks.plan_samples(
+        source, pos, 3, False, forks.branch_params(source, max_new_tokens=12, seed=3,
+                                                   sampling=True)))
+    alt = source.steps[pos].top[[a.token_id for a in source.steps[pos].top].index(
+        plan[0].forced[0])]
+    first = store.tokens(made[0].trace_id)[0]
+    assert first.token_id == alt.token_id
+    assert np.exp(first.logprob) == pytest.approx(alt.prob, abs=TOL)
+    assert first.entropy == pytest.approx(source.steps[pos].entropy, abs=TOL)
+    for r in made:
+        full = store.full_tokens(r.trace_id)
+        assert [s.token_id for s in full[:pos]] == source.token_ids[:pos]
+        assert forks.replay(real_lm, store, r.trace_id).matches
