@@ -136,7 +136,8 @@ def high_entropy_threshold(entropies: Sequence[float],
     values = [e for e in entropies if e is not None and not math.isnan(e)]
     if not values:
         return None
-    k = max(1, math.ceil(len(values) * fraction))
+    # The epsilon keeps float noise from rounding up (15 * 0.2 = 3.0000000000000004).
+    k = max(1, math.ceil(len(values) * fraction - 1e-9))
     return sorted(values, reverse=True)[k - 1]
 
 
