@@ -109,10 +109,12 @@ class ForkviewApp(App[None]):
             self.push_screen(HelpScreen())
 
     async def action_quit(self) -> None:
-        # Stop a running generation (or MI pass) and let it save the trace (the run) as
-        # `stopped` first.
-        for stop, worker in ((self.explorer.stop_generation, self.explorer.worker),
-                             (self.explorer.stop_mi, self.explorer.mi_worker)):
+        # Stop a running generation (branch job, MI pass) and let it save the trace
+        # (the branches, the run) as `stopped` first; queued branch jobs are dropped.
+        explorer = self.explorer
+        for stop, worker in ((explorer.stop_generation, explorer.worker),
+                             (explorer.stop_all_forks, explorer.fork_worker),
+                             (explorer.stop_mi, explorer.mi_worker)):
             if stop() and worker is not None:
                 with contextlib.suppress(WorkerCancelled, WorkerFailed):
                     await worker.wait()

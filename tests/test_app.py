@@ -22,13 +22,13 @@ from typing import Any, ClassVar
 import pytest
 from textual.widgets import DataTable, Input
 
+from forkview.analysis.peaks import RULES, bin_edges, find_peaks, quantile, scale_bin, scale_range
 from forkview.app import create_app
 from forkview.ui.browser import BrowserScreen
 from forkview.ui.chart import LABEL_W, StripChart
 from forkview.ui.explorer import ExplorerScreen
 from forkview.ui.help import HelpScreen
 from forkview.ui.mi_data import rollout_alternatives, short_params
-from forkview.analysis.peaks import RULES, bin_edges, find_peaks, quantile, scale_bin, scale_range
 from forkview.ui.scale import (
     NEUTRAL_STYLE,
     VIRIDIS,

@@ -1,17 +1,22 @@
 """The explorer: a prompt box, the streaming trace, the strip chart, the token panel,
 legend and status.
 
-State lives here and changes only in message handlers. Two workers run in threads and
-post messages (see forkview.ui.messages) back: the generation (`annotate_prompt`) and,
-after it or on `m`, the MI estimators (`forkview.mi.run_estimator`, which stores
-values as they come, so cancelling keeps what is finished). They never run at the
-same time: the model is not shared between threads.
+State lives here and changes only in message handlers. Three kinds of worker run in
+threads and post messages (see forkview.ui.messages) back: the generation
+(`annotate_prompt`), branch jobs from the fork panel (`forkview.forks.grow`, queued,
+one at a time) and, after a generation or on `m`, the MI estimators
+(`forkview.mi.run_estimator`, which stores values as they come, so cancelling keeps
+what is finished). They never run at the same time: the model is not shared between
+threads. `_pump` starts the next one when the model is free: a waiting prompt first,
+then queued branches, then MI (a branch request pauses MI, which resumes after).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
+from functools import partial
 from typing import Any, ClassVar
 
 from rich.text import Text
@@ -24,9 +29,23 @@ from textual.timer import Timer
 from textual.widgets import Footer, Input
 from textual.worker import Worker
 
+from forkview import forks
 from forkview.analysis.peaks import RULES
 from forkview.ui.chart import StripChart
+from forkview.ui.fork_panel import ForkPanel
+from forkview.ui.fork_queue import (
+    ForkJob,
+    ForkRequest,
+    PrefixSlot,
+    Result,
+    answer_name,
+    distribution_text,
+    mark,
+)
 from forkview.ui.messages import (
+    ForkFinished,
+    ForkStarted,
+    ForkTokens,
     GenerationFinished,
     GenerationStarted,
     MIFinished,
@@ -41,7 +60,7 @@ from forkview.ui.token_panel import TokenPanel
 from forkview.ui.trace_view import TraceView
 from models.errors import ModelError
 from models.types import GenerationParams, TokenStep
-from store import Store, StoreError
+from store import Store, StoreError, TraceInfo
 
 BATCH_SECONDS = 0.05  # how often a running generation repaints
 MI_RELOAD_SECONDS = 0.5  # how often a running MI pass re-reads its values
@@ -86,6 +105,8 @@ def sampling_label(params: GenerationParams) -> str:
 class ExplorerScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "escape", "stop", show=False),
+        Binding("enter", "fork", "fork"),
+        Binding("t", "tree", "tree"),
         Binding("v", "cycle_view", "view"),
         Binding("e", "cycle_estimator", "estimator", show=False),
         Binding("r", "cycle_rule", "peak rule", show=False),
@@ -111,6 +132,8 @@ class ExplorerScreen(Screen[None]):
         # the trace on screen
         self.trace_id: int | None = None
         self.trace_status: str | None = None
+        # (parent id, fork position) when the trace on screen is a branch
+        self.branch_of: tuple[int, int] | None = None
         self.stop_reason: str | None = None
         self.tokens_per_second: float | None = None
         # the generation in flight
@@ -138,6 +161,23 @@ class ExplorerScreen(Screen[None]):
         self._mi_started = 0.0
         self._mi_reloaded = 0.0
         self._mi_timer: Timer | None = None
+        self.mi_names: tuple[str, ...] = ()
+        # MI to start when the model is free: after a generation, or a pass paused
+        # for branch jobs (it resumes: stored values are kept)
+        self.mi_next: tuple[int, tuple[str, ...]] | None = None
+        self._mi_paused = False
+        # branch jobs: the queue, the one growing, and the one streaming into the view
+        self.fork_queue: deque[ForkJob] = deque()
+        self.fork_job: ForkJob | None = None
+        self.fork_ids = 0
+        self.fork_cancel = threading.Event()
+        self.fork_done = threading.Event()
+        self.fork_done.set()
+        self.fork_worker: Worker[None] | None = None
+        self.fork_slot = PrefixSlot()  # the last forked trace's KV cache (worker only)
+        self.view_fork: int | None = None
+        self._fork_started = 0.0
+        self._fork_timer: Timer | None = None
 
     # ---------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -203,9 +243,7 @@ class ExplorerScreen(Screen[None]):
         self.lm = lm
         self._stop_spinner()
         self.refresh_status()
-        if self.pending_prompt is not None:
-            prompt, self.pending_prompt = self.pending_prompt, None
-            self.start_generation(prompt)
+        self._pump()
 
     def model_failed(self, error: str) -> None:
         self.model_error = error
@@ -233,6 +271,8 @@ class ExplorerScreen(Screen[None]):
         right = Text()
         if self.trace_id is not None:
             right.append(f"trace #{self.trace_id} ")
+            if self.branch_of is not None:
+                right.append(f"⑂#{self.branch_of[0]}@{self.branch_of[1]} ", style="dim")
         if self.trace_status:
             style = {"running": "bold cyan", "complete": "green", "stopped": "yellow",
                      "failed": "bold red", "stopping": "yellow"}.get(self.trace_status, "")
@@ -244,7 +284,11 @@ class ExplorerScreen(Screen[None]):
         n = len(self.trace_view.steps)
         if self.trace_status:
             right.append(f" · {n} tok")
-        if self.mi_running:
+        job = self.fork_job
+        if job is not None and (self.view_fork != job.job_id or self.fork_queue):
+            right.append(" · ")
+            right.append_text(self._fork_status())
+        elif self.mi_running:
             right.append(" · ")
             right.append_text(self._mi_status())
         elif self.tokens_per_second:
@@ -267,6 +311,23 @@ class ExplorerScreen(Screen[None]):
             text.append(" Esc stops", style="dim")
         else:
             text.append(" starting…", style="cyan")
+        return text
+
+    def _fork_status(self) -> Text:
+        job = self.fork_job
+        assert job is not None
+        elapsed = time.monotonic() - self._fork_started
+        frame = SPINNER[int(elapsed * 4) % len(SPINNER)]
+        text = Text(f"{frame} ⑂", style="bold magenta")
+        if self.fork_cancel.is_set():
+            text.append(" stopping…", style="yellow")
+        elif self.view_fork != job.job_id:  # growing out of sight (sample N, or left)
+            rows = f"{job.rows} branches " if job.rows > 1 else "branch "
+            text.append(f" {rows}{job.tokens} tok", style="magenta")
+        if self.fork_queue:
+            text.append(f" +{len(self.fork_queue)} queued", style="magenta")
+        if self.view_fork != job.job_id and not self.fork_cancel.is_set():
+            text.append(" Esc stops", style="dim")
         return text
 
     # ---------------------------------------------------------------- cursor → panel
@@ -363,6 +424,12 @@ class ExplorerScreen(Screen[None]):
             self.pending_prompt = prompt
             self.cancel.set()
             return
+        if self.fork_job is not None:
+            # Branches are explicit requests: they are not dropped for a new prompt.
+            self.pending_prompt = prompt
+            self.notify("The prompt runs when the growing branches finish (Esc stops "
+                        "them).", timeout=5)
+            return
         if self.mi_running:
             # The model is busy with MI: stop it (finished values are kept), then generate.
             self.pending_prompt = prompt
@@ -377,8 +444,11 @@ class ExplorerScreen(Screen[None]):
         self.generating = True
         self.trace_id, self.trace_status, self.stop_reason = None, "starting", None
         self.tokens_per_second = None
+        self.branch_of = None
+        self.view_fork = None
         view = self.trace_view
         view.set_steps([])
+        view.set_dim_before(0)
         view.follow = True
         view.focus()
         self._refresh_entropy()
@@ -468,12 +538,25 @@ class ExplorerScreen(Screen[None]):
             self.notify(message.error, title="generation failed", severity="error", timeout=8)
         self._load_mi()
         self.refresh_status()
+        if (self.pending_prompt is None and self.trace_status == "complete"
+                and self.trace_id is not None and self.mi_estimators and self.lm is not None):
+            self.mi_next = (self.trace_id, self.mi_estimators)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start the next model task if the model is free (module doc)."""
+        if (self.lm is None or self.generating or self.mi_running
+                or self.fork_job is not None):
+            return
         if self.pending_prompt is not None:
             prompt, self.pending_prompt = self.pending_prompt, None
             self.start_generation(prompt)
-        elif (self.trace_status == "complete" and self.trace_id is not None
-              and self.mi_estimators and self.lm is not None):
-            self.start_mi(self.trace_id, self.mi_estimators)
+        elif self.fork_queue:
+            self._start_fork(self.fork_queue.popleft())
+        elif self.mi_next is not None:
+            trace_id, names = self.mi_next
+            self.mi_next = None
+            self.start_mi(trace_id, names)
 
     def _refresh_panel(self) -> None:
         if not self._ready:
@@ -502,10 +585,13 @@ class ExplorerScreen(Screen[None]):
         return self.gen_done.wait(timeout)
 
     def on_unmount(self) -> None:
-        # However the app ends, a running trace (or MI run) must not be left `running`.
+        # However the app ends, a running trace (branch, MI run) must not be left
+        # `running`: each keeps its tokens (values), marked stopped.
         self.stop_generation()
+        self.stop_all_forks()
         self.stop_mi()
         self.wait_generation()
+        self.fork_done.wait(15.0)
         self.mi_done.wait(15.0)
 
     # ---------------------------------------------------------------- MI
@@ -530,6 +616,17 @@ class ExplorerScreen(Screen[None]):
             self.notify("A generation is running: wait for it or press Esc.",
                         severity="warning")
             return
+        if self.branch_of is not None:
+            # forkview.mi reads a trace's own tokens, which for a branch start at its
+            # fork: its positions would not line up with the response.
+            self.notify("MI is computed on root traces: this is a branch. Open its root "
+                        "(t, the tree) to compute MI there.", severity="warning", timeout=6)
+            return
+        if self.fork_job is not None:
+            if self.mi_estimators:
+                self.mi_next = (self.trace_id, self.mi_estimators)
+                self.notify("MI runs when the growing branches finish.", timeout=4)
+            return
         if self.mi_running:
             self.notify("MI is already running (Esc stops it).", severity="warning")
             return
@@ -544,6 +641,7 @@ class ExplorerScreen(Screen[None]):
         self.mi_done = threading.Event()
         self.mi_running = True
         self.mi_trace_id = trace_id
+        self.mi_names = names
         self.mi_progress = None
         self._mi_started = time.monotonic()
         if self._mi_timer is None:
@@ -649,14 +747,16 @@ class ExplorerScreen(Screen[None]):
             self._mi_timer = None
         if message.trace_id == self.trace_id:
             self._load_mi()
-        if message.status == "stopped":
+        if message.status == "stopped" and self._mi_paused:
+            self.notify("MI paused for the branches: it resumes when they finish.",
+                        timeout=4)
+        elif message.status == "stopped":
             self.notify("MI stopped: the values computed so far are kept.", timeout=4)
         elif message.status == "complete":
             self.notify(f"MI done on trace #{message.trace_id}.", timeout=3)
+        self._mi_paused = False
         self.refresh_status()
-        if self.pending_prompt is not None and not self.generating and self.lm is not None:
-            prompt, self.pending_prompt = self.pending_prompt, None
-            self.start_generation(prompt)
+        self._pump()
 
     # ---------------------------------------------------------------- opening traces
     def open_trace(self, trace_id: int | None) -> None:
@@ -669,16 +769,21 @@ class ExplorerScreen(Screen[None]):
             return
         try:
             info = self.store.trace(trace_id)
-            steps = self.store.tokens(trace_id)
+            # a branch: its whole response, the parent's prefix included (faded)
+            steps = self.store.full_tokens(trace_id)
         except StoreError as e:
             self.notify(str(e), severity="error")
             return
         self.trace_id, self.trace_status = info.id, info.status
         self.stop_reason, self.tokens_per_second = info.stop_reason, info.tokens_per_second
+        self.view_fork = None  # a growing branch no longer streams into the view
+        fork = info.fork_position or 0
+        self.branch_of = None if info.is_root else (info.parent_trace_id or 0, fork)
         self.query_one("#prompt", Input).value = info.prompt
         view = self.trace_view
         view.follow = False
-        view.set_steps(steps, cursor=0)
+        view.set_dim_before(fork if not info.is_root else 0)
+        view.set_steps(steps, cursor=fork if not info.is_root else 0)
         view.focus()
         self._refresh_entropy()
         self._load_mi()
@@ -686,7 +791,7 @@ class ExplorerScreen(Screen[None]):
 
     # ---------------------------------------------------------------- actions
     def action_escape(self) -> None:
-        if self.stop_generation() or self.stop_mi():
+        if self.stop_generation() or self.stop_fork() or self.stop_mi():
             return
         if isinstance(self.focused, Input):
             self.trace_view.focus()
@@ -698,3 +803,235 @@ class ExplorerScreen(Screen[None]):
         from forkview.ui.browser import BrowserScreen
 
         self.app.push_screen(BrowserScreen(self.store), callback=self.open_trace)
+
+    def action_tree(self) -> None:
+        """`t`: the family tree of the trace on screen."""
+        from forkview.ui.tree import TreeScreen
+
+        if self.trace_id is None:
+            self.notify("Generate or open a trace first: t shows its family of branches.",
+                        severity="warning")
+            return
+        self.app.push_screen(TreeScreen(self.store, self.trace_id, browse_only=self.browse_only),
+                             callback=self._tree_closed)
+
+    def _tree_closed(self, trace_id: int | None) -> None:
+        if trace_id is not None:
+            self.open_trace(trace_id)
+            return
+        # The trace on screen may have been deleted from the tree: show its parent.
+        if self.trace_id is None or self.generating or self.view_fork is not None:
+            return
+        try:
+            self.store.trace(self.trace_id)
+        except StoreError:
+            parent = self.branch_of[0] if self.branch_of else None
+            self.notify(f"Trace #{self.trace_id} was deleted.", timeout=4)
+            self._clear_trace()
+            self.open_trace(parent)
+
+    def _clear_trace(self) -> None:
+        self.trace_id = self.trace_status = self.stop_reason = None
+        self.branch_of, self.tokens_per_second = None, None
+        self.trace_view.set_dim_before(0)
+        self.trace_view.set_steps([])
+        self._refresh_entropy()
+        self._load_mi()
+        self.refresh_status()
+
+    def _reload_tree(self) -> None:
+        from forkview.ui.tree import TreeScreen
+
+        for screen in self.app.screen_stack:
+            if isinstance(screen, TreeScreen):
+                screen.reload()
+
+    # ---------------------------------------------------------------- forks
+    def action_fork(self) -> None:
+        """Enter on a token: the fork panel (alternatives, typed text, sample N)."""
+        view = self.trace_view
+        if self.trace_id is None or not view.steps or not 0 <= view.cursor < len(view.steps):
+            self.notify("Generate or open a trace first, then press Enter on a token.",
+                        severity="warning")
+            return
+        if self.trace_status in ("starting", "running", "stopping"):
+            self.notify("This trace is still being written: wait for it (or press Esc), "
+                        "then fork it.", severity="warning")
+            return
+        position = view.cursor
+        if self.browse_only:
+            self.notify("Forking needs a model: this is browse-only mode. Run `forkview` to "
+                        f"explore with a model, or `forkview fork --trace {self.trace_id} "
+                        f"--position {position} --top 3`.", severity="warning", timeout=8)
+            return
+        if self.model_error:
+            self.notify(f"No model: {self.model_error}", severity="error")
+            return
+        if self.lm is None:
+            self.notify("The model is still loading: press Enter again when it is ready.",
+                        severity="warning")
+            return
+        try:
+            info = self.store.trace(self.trace_id)
+            forks.check_tokenizer(self.store, forks.ForkSource(info, []), self.lm)
+        except (forks.ForkError, StoreError) as e:
+            self.notify(str(e), severity="error", timeout=8)
+            return
+        note = ""
+        if self.branch_of is not None and position < self.branch_of[1]:
+            note = f"(inherited from #{self.branch_of[0]})"
+        panel = ForkPanel(info.id, view.steps[position], index=position, total=len(view.steps),
+                          high=view.is_high(position),
+                          mi=panel_mi(self.mi, position, self._mi_hint()), branch_note=note)
+        self.app.push_screen(panel, callback=partial(
+            self._fork_requested, info, position, list(view.steps[:position])))
+
+    def _fork_requested(self, info: TraceInfo, position: int, prefix: list[TokenStep],
+                        request: ForkRequest | None) -> None:
+        if request is None:
+            return
+        self.fork_ids += 1
+        job = ForkJob(job_id=self.fork_ids, trace_id=info.id, position=position,
+                      request=request, max_new_tokens=self.params.max_new_tokens,
+                      prefix=prefix, label=request.label(), source_answer=info.answer,
+                      source_correct=info.correct)
+        self.fork_queue.append(job)
+        if self.mi_running and not self.mi_cancel.is_set():
+            # The user is waiting for the branch: MI steps aside and resumes after.
+            self.mi_next = (self.mi_trace_id or info.id, self.mi_names)
+            self._mi_paused = True
+            self.stop_mi()
+        ahead = len(self.fork_queue) - 1 + (self.fork_job is not None)
+        if ahead:
+            self.notify(f"Queued: {job.label} at position {position} of #{info.id} "
+                        f"({ahead} ahead).", timeout=4)
+        self._pump()
+        self.refresh_status()
+
+    def _start_fork(self, job: ForkJob) -> None:
+        self.fork_job = job
+        self.fork_cancel = threading.Event()
+        self.fork_done = threading.Event()
+        self._fork_started = time.monotonic()
+        if self._fork_timer is None:
+            self._fork_timer = self.set_interval(0.25, self.refresh_status)
+        self.refresh_status()
+        self.fork_worker = self._grow(job, self.lm, self.fork_cancel, self.fork_done)
+
+    @work(thread=True, group="fork", exit_on_error=False)
+    def _grow(self, job: ForkJob, lm: Any, cancel: threading.Event,
+              done: threading.Event) -> None:
+        """Runs in a thread: never touches widgets, only posts messages."""
+        from forkview.ui.fork_queue import run_job
+
+        results: list[Result] = []
+        error = None
+        try:
+            results = run_job(lm, self.store, job, cancel, self.fork_slot, self.post_message)
+        except (forks.ForkError, ModelError, StoreError) as e:
+            error = str(e)
+        except Exception as e:  # shown in the app, never a traceback
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            done.set()
+        self.post_message(ForkFinished(job.job_id, results, error))
+
+    def _is_current(self, job_id: int) -> bool:
+        return self.fork_job is not None and self.fork_job.job_id == job_id
+
+    @on(ForkStarted)
+    def _fork_started_msg(self, message: ForkStarted) -> None:
+        if not self._is_current(message.job_id):
+            return
+        job = self.fork_job
+        assert job is not None
+        job.trace_ids = list(message.trace_ids)
+        if job.rows == 1 and not self.generating:
+            # A chosen or typed branch streams into the trace view, like a generation.
+            self.view_fork = job.job_id
+            self.trace_id = job.trace_ids[0]
+            self.trace_status = "stopping" if self.fork_cancel.is_set() else "running"
+            self.stop_reason, self.tokens_per_second = None, None
+            self.branch_of = (job.trace_id, job.position)
+            view = self.trace_view
+            view.set_dim_before(job.position)
+            view.set_steps(job.prefix, cursor=None)
+            view.follow = True
+            if self.app.screen is self:
+                view.focus()
+            self._refresh_entropy()
+            self._load_mi()
+        self.refresh_status()
+        self._reload_tree()
+
+    @on(ForkTokens)
+    def _fork_tokens(self, message: ForkTokens) -> None:
+        if not self._is_current(message.job_id):
+            return
+        job = self.fork_job
+        assert job is not None
+        job.tokens += sum(len(steps) for steps in message.rows.values())
+        if self.view_fork == job.job_id and 0 in message.rows:
+            view = self.trace_view
+            view.append_steps(message.rows[0])
+            if message.elapsed > 0:
+                self.tokens_per_second = (len(view.steps) - job.position) / message.elapsed
+            self._refresh_entropy()
+            self._refresh_panel()
+        self.refresh_status()
+
+    @on(ForkFinished)
+    def _fork_finished(self, message: ForkFinished) -> None:
+        if not self._is_current(message.job_id):
+            return
+        job = self.fork_job
+        assert job is not None
+        self.fork_job = None
+        if not self.fork_queue and self._fork_timer is not None:
+            self._fork_timer.stop()
+            self._fork_timer = None
+        if self.view_fork == job.job_id:
+            self.view_fork = None
+            try:
+                info = self.store.trace(self.trace_id or 0)
+                self.trace_status, self.stop_reason = info.status, info.stop_reason
+            except StoreError:
+                self.trace_status = "failed"
+            self._load_mi()
+        self._announce(job, message)
+        self._reload_tree()
+        self.refresh_status()
+        self._pump()
+
+    def _announce(self, job: ForkJob, message: ForkFinished) -> None:
+        if message.error:
+            self.notify(message.error, title="branch failed", severity="error", timeout=8)
+            return
+        if not message.results:
+            self.notify(f"Stopped before it started: no branch made ({job.label}).",
+                        timeout=4)
+            return
+        if job.request.kind == "sample":
+            self.notify(distribution_text(job, message.results), title="sample",
+                        timeout=20)
+            return
+        tid, status, answer, correct, n = message.results[0]
+        self.notify(f"Branch #{tid} of #{job.trace_id} at {job.position} ({job.label}): "
+                    f"{status}, {n} tokens, answer {answer_name(answer)}{mark(correct)}.",
+                    timeout=6)
+
+    def stop_fork(self) -> bool:
+        """Stop the growing branch job: its branches keep their tokens, marked stopped.
+        Queued jobs still run."""
+        if self.fork_job is None:
+            return False
+        self.fork_cancel.set()
+        if self.view_fork == self.fork_job.job_id:
+            self.trace_status = "stopping"
+        self.refresh_status()
+        return True
+
+    def stop_all_forks(self) -> bool:
+        """Drop the queued jobs and stop the growing one (quitting)."""
+        self.fork_queue.clear()
+        return self.stop_fork()

@@ -30,6 +30,22 @@ KEYS = [
         ("click", "select a token; in the chart, jump to that column"),
         ("b  F2", "trace browser"),
     ]),
+    ("Forks", [
+        ("Enter", "on a token: the fork panel (its entropy, MI and recorded top-k"
+                  " alternatives with their probabilities)"),
+        ("  ↑ ↓ Enter", "branch from an alternative: it streams into the trace view"),
+        ("  type, Enter", "force any text as the next token(s) and continue from it"),
+        ("  sample N", "N continuations in one batch, keeping the token or resampling"
+                       " it; their answers are shown next to the original's"),
+        ("Esc", "stop the growing branches (they keep their tokens, marked stopped);"
+                " queued requests run one after another"),
+        ("t", "the family tree: root, branches, rollouts (grouped per position)"),
+        ("  Enter", "open a node (a branch shows its whole response, the inherited"
+                    " prefix faded)"),
+        ("  c  c", "mark a node, then compare it with another side by side"),
+        ("  d", "delete a branch and everything below it (asks first)"),
+        ("  Space", "fold / unfold a node"),
+    ]),
     ("MI", [
         ("v", "view: colour by entropy → by MI → both (entropy colour, MI peaks"
               " underlined)"),
@@ -43,6 +59,12 @@ KEYS = [
         ("↑ ↓  Enter", "choose a trace and open it in the explorer"),
         ("/", "filter by text (prompt or output) and by model"),
         ("Esc", "back to the explorer"),
+    ]),
+    ("Compare", [
+        ("← → ↑ ↓", "move the cursor; the other column follows to the same position"),
+        ("Tab", "the other column leads"),
+        ("v", "entropy / MI / both, on both columns"),
+        ("Esc", "back to the tree"),
     ]),
     ("Everywhere", [
         ("?  F1", "this help (F1 also inside a text box)"),
@@ -67,7 +89,12 @@ NOTES = (
     "is the cursor. With many tokens a column holds several (bars show the largest). The "
     "side panel lists every MI run at the cursor (▸ = shown, ▲ = peak) and, at a rollout "
     "position, the answers each forked alternative reached. With NO_COLOR, the both "
-    "view marks high entropy bold and MI peaks underlined."
+    "view marks high entropy bold and MI peaks underlined.\n\n"
+    "Forks: a branch is a child trace that keeps its parent's tokens before the fork "
+    "position, puts the chosen (or typed) token(s) there and continues with the same "
+    "settings and its own seed (samples of a greedy trace are drawn at T = 1). Shown "
+    "in the explorer, its inherited prefix is faded and the status line reads "
+    "⑂#parent@position; `forkview replay --trace ID` regenerates it token for token."
 )
 
 

@@ -83,3 +83,30 @@ class MIFinished(Message):
     mi_id: int
     trace_id: int
     status: str  # complete | stopped | failed
+
+
+@dataclass
+class ForkStarted(Message):
+    """A branch job's rows exist as traces (row -> trace id, in plan order)."""
+
+    job_id: int
+    trace_ids: list[int]
+
+
+@dataclass
+class ForkTokens(Message):
+    """New tokens of a branch job, per row (batched like TokensArrived)."""
+
+    job_id: int
+    rows: dict[int, list[TokenStep]]
+    elapsed: float
+
+
+@dataclass
+class ForkFinished(Message):
+    """A branch job ended: its branches as (trace id, status, answer, correct, tokens),
+    or an error before or while growing (branches already made keep their tokens)."""
+
+    job_id: int
+    results: list[tuple[int, str, str | None, bool | None, int]]
+    error: str | None = None

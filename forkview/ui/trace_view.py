@@ -34,6 +34,10 @@ from forkview.ui.scale import (
 )
 from models.types import TokenStep
 
+# A branch's inherited prefix (the tokens before its fork) is drawn faded: still on
+# its entropy colour, but clearly not the branch's own.
+PREFIX_STYLE = Style(dim=True)
+
 
 @dataclass
 class _Piece:
@@ -108,6 +112,8 @@ class TraceView(ScrollView, can_focus=True):
         self._token_lines: list[tuple[int, int]] = []  # first and last line per token
         self._x = 0
         self._layout_width = 0
+        # Tokens before this index are a branch's inherited prefix (drawn faded).
+        self.dim_before = 0
 
     # ---------------------------------------------------------------- data
     @property
@@ -350,11 +356,20 @@ class TraceView(ScrollView, can_focus=True):
     def token_lines(self, index: int) -> tuple[int, int]:
         return self._token_lines[index]
 
+    def set_dim_before(self, index: int) -> None:
+        """Fade the tokens before `index` (a branch's prefix; 0: none)."""
+        if index != self.dim_before:
+            self.dim_before = index
+            self.refresh()
+
     def _style(self, index: int, cursor: bool) -> Style:
         mi = self._mi_bins[index] if index < len(self._mi_bins) else None
-        return overlay_style(self.view_mode, entropy_bin(self.steps[index].entropy), mi,
-                             cursor, index in self._high_set, index in self._peak_set,
-                             self.app.no_color)
+        style = overlay_style(self.view_mode, entropy_bin(self.steps[index].entropy), mi,
+                              cursor, index in self._high_set, index in self._peak_set,
+                              self.app.no_color)
+        if index < self.dim_before and not cursor:
+            style += PREFIX_STYLE
+        return style
 
     def style_for(self, index: int) -> Style:
         return self._style(index, False)
