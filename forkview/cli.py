@@ -114,15 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("db_file", nargs="?", metavar="DB", help="database file (default: --db)")
     _db_option(b)
 
-    a = sub.add_parser("annotate", help="generate one annotated trace and save it")
-    a.add_argument("--prompt", required=True, help="the prompt text")
+    a = sub.add_parser("annotate", help="generate annotated traces (one prompt, or a prompt "
+                       "set in batches) and save them")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompts", metavar="FILE", help="a .jsonl or .csv file (fields prompt, "
+                     "answer, id, set) or builtin:arith: every prompt, --samples each, in "
+                     "batches; re-run to finish an interrupted batch")
     a.add_argument("--answer", default=None, metavar="REF", help="reference answer")
-    a.add_argument("--json", action="store_true", help="print the trace as one JSON object")
+    a.add_argument("--samples", type=_positive_int, default=1, metavar="N",
+                   help="with --prompts: samples per prompt, grown as one batch (seeds derived "
+                   "from --seed, default 0; temperature 1 unless given)")
+    a.add_argument("--set", dest="set_name", default=None, metavar="NAME",
+                   help="with --prompts: store every prompt under this set name")
+    a.add_argument("--json", action="store_true", help="print the trace as one JSON object "
+                   "(with --prompts: one summary object per trace and line)")
     a.add_argument("--mi", default="", metavar="NAMES",
                    help="MI estimators to run right after generation, e.g. hsic,answer-gain")
     _model_options(a)
     _db_option(a)
     _generation_options(a)
+    # None = not given: greedy for one trace, T = 1 for several samples of a prompt.
+    a.set_defaults(temperature=None)
 
     e = sub.add_parser("export", help="export per-token rows as JSONL or CSV")
     _db_option(e)
@@ -211,6 +224,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=_positive_int, default=None)
     t.add_argument("--branches", action="store_true",
                    help="also list branches and rollout continuations (traces with a parent)")
+
+    rs = sub.add_parser("rescore", help="score saved traces' tokens with a second model "
+                        "(same tokenizer) and keep its entropy beside the original")
+    _db_option(rs)
+    which = rs.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trace", type=int, action="append", metavar="ID", help="repeatable")
+    which.add_argument("--set", dest="set_name", metavar="NAME",
+                       help="the root traces of this prompt set")
+    which.add_argument("--all", action="store_true", help="every root trace")
+    rs.add_argument("--mi", default="", metavar="NAMES",
+                    help="also run these MI estimators with the second model (roots only)")
+    rs.add_argument("--json", action="store_true", help="one JSON object per trace and line")
+    _model_options(rs)
+    rs.set_defaults(model=None)  # the second model is always named
+
+    mg = sub.add_parser("merge", help="merge databases (from several machines) into one, "
+                        "without duplicating a trace")
+    mg.add_argument("out", metavar="OUT.db", help="database to merge into (created if missing)")
+    mg.add_argument("inputs", nargs="+", metavar="IN.db", help="databases to read (never changed)")
+    rep = sub.add_parser("report", help="overlap report: high-entropy tokens against MI "
+                         "peaks per model x estimator (md, html, json, csv)")
+    _db_option(rep)
+    from forkview.report_cmd import add_arguments as _report_arguments  # argparse only
+
+    _report_arguments(rep)
     return p
 
 
@@ -252,6 +290,13 @@ def _raise_interrupt(signum: int, _frame: Any) -> None:
 def cmd_annotate(args: argparse.Namespace) -> int:
     from store import Store
 
+    if args.prompts is not None:
+        return cmd_annotate_batch(args)
+    for flag, value in (("--samples", args.samples != 1), ("--set", args.set_name)):
+        if value:
+            raise UsageError(f"{flag} goes with --prompts")
+    if args.temperature is None:
+        args.temperature = 0.0
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
     params = _params(args)
@@ -313,6 +358,54 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     else:
         print(result.trace_id)
     return 0
+
+
+def cmd_annotate_batch(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from forkview import batch
+    from forkview.prompt_sets import load_prompt_set
+    from store import Store
+
+    if args.answer is not None:
+        raise UsageError("--answer goes with --prompt (a prompt file carries its answers)")
+    try:
+        items = batch.with_set(load_prompt_set(args.prompts), args.set_name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.temperature is None:
+        args.temperature = batch.SAMPLE_TEMPERATURE if args.samples > 1 else 0.0
+    params = _params(args)
+    from models.errors import ModelError
+
+    try:
+        batch.plan_jobs(items[:1], args.samples, params)  # refuses greedy copies up front
+    except ModelError as e:
+        raise UsageError(str(e)) from None
+    estimators = _estimators([n for n in args.mi.split(",") if n.strip()], [])
+    store = Store.open(args.db)
+    from models.loading import load_model
+
+    quiet = args.json or not sys.stderr.isatty()
+    lm = load_model(args.model, args.device, args.dtype, status=None if quiet else _status)
+    summary = batch.run_batch(lm, store, items, params, samples=args.samples,
+                              estimators=estimators,
+                              progress=None if quiet else batch.RichBatchProgress())
+    for job in summary.jobs:
+        if job.trace_id is None:
+            continue
+        if args.json:
+            print(json.dumps(asdict(job), ensure_ascii=False))
+        else:
+            print(job.trace_id)
+    stopped = f", {summary.stopped} of them stopped" if summary.stopped else ""
+    _status(f"{len(items)} prompts x {args.samples}: {summary.generated} traces generated "
+            f"({summary.tokens} tokens in {summary.seconds:.1f} s{stopped}), "
+            f"{summary.skipped} already complete; MI runs: {summary.mi_runs} computed, "
+            f"{summary.mi_skipped} already complete"
+            + ("; interrupted: re-run the same command to finish"
+               if summary.interrupted else ""))
+    return 130 if summary.interrupted else 0
 
 
 def _with_mi(token: dict[str, Any], mi: dict[str, dict[int, float | None]]) -> dict[str, Any]:
@@ -447,6 +540,7 @@ def cmd_traces(args: argparse.Namespace) -> int:
                 "started_at": t.started_at, "finished_at": t.finished_at,
                 "tokens_per_second": t.tokens_per_second,
                 "parent_trace_id": t.parent_trace_id, "fork_position": t.fork_position,
+                "origin": t.origin, "forced_token_ids": t.forced_token_ids,
                 "params": t.params.to_json(),
             }
             for t in infos
@@ -631,6 +725,63 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if result.matches else 1
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from forkview import rescore
+    from store import Store
+
+    if not args.model:
+        raise UsageError("rescore needs --model SPEC: the second model")
+    estimators = _estimators([n for n in args.mi.split(",") if n.strip()], [])
+    # Checked on a read-only open: a bad id or set leaves the file untouched.
+    store = Store.open(args.db, readonly=True)
+    infos = rescore.select_traces(store, trace_ids=args.trace or (), set_name=args.set_name,
+                                  all_traces=args.all)
+    if not infos:
+        raise UsageError("no traces to rescore")
+    store.close()
+    from models.loading import load_model
+
+    quiet = args.json or not sys.stderr.isatty()
+    lm = load_model(args.model, args.device, args.dtype, status=None if quiet else _status)
+    store = Store.open(args.db)
+    infos = [store.trace(t.id) for t in infos]
+    rescore.check_tokenizers(store, infos, lm)
+
+    def show(r: Any) -> None:
+        if args.json:
+            print(json.dumps(vars(r)), flush=True)
+        elif not quiet or r.note:
+            _status(f"trace {r.trace_id}: {r.status}"
+                    + (f", {r.n_scored} tokens" if r.n_scored else "")
+                    + (f" ({r.note})" if r.note else ""))
+
+    def show_mi(tid: int, name: str, status: str) -> None:
+        if not quiet:
+            _status(f"trace {tid} {name}: {status}")
+
+    results = rescore.rescore(lm, store, infos, estimators=estimators, on_trace=show,
+                              on_mi=show_mi)
+    counts = {k: sum(r.status == k for r in results) for k in ("scored", "skipped", "own")}
+    _status(f"{lm.name}: {counts['scored']} traces scored, {counts['skipped']} already "
+            f"scored, {counts['own']} made by this model")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from store.merge import merge
+
+    def show(s: Any) -> None:
+        what = (f"+{s.traces_added} traces ({s.traces_present} already there), "
+                f"+{s.tokens_added} tokens, +{s.mi_runs_added} MI runs "
+                f"(+{s.mi_values_added} values), +{s.token_scores_added} token scores, "
+                f"+{s.models_added} models, +{s.prompts_added} prompts"
+                if s.added_anything else f"nothing new ({s.traces_present} traces already there)")
+        print(f"{s.file}: {what}")
+
+    merge(args.out, args.inputs, on_file=show)
+    return 0
+
+
 def cmd_browse(args: argparse.Namespace) -> int:
     from store import Store
 
@@ -662,6 +813,21 @@ def cmd_explore(args: argparse.Namespace) -> int:
     return int(getattr(app, "return_code", 0) or 0)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from forkview.analysis.report import ReportError
+    from forkview.report_cmd import ReportUsage, run
+
+    try:
+        return run(args)
+    except ReportUsage as e:
+        raise UsageError(str(e)) from None
+    except ReportError as e:
+        if e.usage:
+            raise UsageError(str(e)) from None
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
 COMMANDS = {
     None: cmd_explore,
     "browse": cmd_browse,
@@ -672,6 +838,9 @@ COMMANDS = {
     "fork": cmd_fork,
     "tree": cmd_tree,
     "replay": cmd_replay,
+    "rescore": cmd_rescore,
+    "merge": cmd_merge,
+    "report": cmd_report,
 }
 
 

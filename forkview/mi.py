@@ -35,7 +35,9 @@ def trace_data(store: Store, trace_id: int) -> TraceData:
     from models.estimators import TraceData
 
     info = store.trace(trace_id)
-    tokens = store.tokens(trace_id)
+    # A branch is its whole response (the parent's prefix, then its own tokens), so its
+    # MI values line up with positions as every other trace's do.
+    tokens = store.full_tokens(trace_id)
     if not tokens:
         raise ModelError(f"trace {trace_id} has no tokens")
     if info.status == "running":
@@ -44,7 +46,7 @@ def trace_data(store: Store, trace_id: int) -> TraceData:
         prompt_ids=info.prompt_token_ids,
         token_ids=[t.token_id for t in tokens],
         entropies=[t.entropy for t in tokens],
-        text=info.text,
+        text="".join(t.text for t in tokens),
         reference_answer=info.reference_answer,
         reference_solution=info.reference_solution,
     )
@@ -103,6 +105,31 @@ def _store_children(store: Store, trace_id: int, children: Sequence[Any],
                              answers_equivalent(child.answer, data.reference_answer))
 
 
+def model_key(lm: LoadedModel) -> str:
+    """How a run names the model it was computed with, database-independently (so it
+    survives `forkview merge`): spec, content hash or hub revision, dtype, device: the
+    fields that identify a `models` row."""
+    ident = lm.content_hash or lm.revision
+    return " ".join([f"{lm.spec}@{ident}" if ident else lm.spec, lm.dtype, lm.device])
+
+
+def run_params(store: Store, trace_id: int, estimator: Estimator,
+               lm: LoadedModel) -> dict[str, Any]:
+    """The parameter set a run is stored under. Runs are unique per (trace, estimator,
+    params): a run computed with a model other than the one that made the trace (another
+    `models` row: other weights, or the same weights in another dtype or on another
+    device; `forkview rescore --mi`, `forkview mi --model`) carries that model as the
+    extra parameter "model", so it is kept beside the trace's own run instead of
+    resuming it. Runs with the trace's own model keep the bare estimator parameters."""
+    params = dict(estimator.params)
+    info = store.trace(trace_id)
+    own = store.model_row(info.model_id) if info.model_id is not None else None
+    fields = ("spec", "content_hash", "revision", "dtype", "device")
+    if own is None or tuple(own[k] for k in fields) != tuple(getattr(lm, k) for k in fields):
+        params["model"] = model_key(lm)
+    return params
+
+
 def run_estimator(
     lm: LoadedModel,
     store: Store,
@@ -117,7 +144,8 @@ def run_estimator(
     """Compute (or finish) one estimator run on one saved trace."""
     data = trace_data(store, trace_id)
     wanted = resolve_positions(positions, estimator.default_positions, data.entropies)
-    run_id, done = store.open_mi_run(trace_id, estimator.name, estimator.params, model_id)
+    run_id, done = store.open_mi_run(trace_id, estimator.name,
+                                     run_params(store, trace_id, estimator, lm), model_id)
     todo = [p for p in wanted if p not in done]
     finished = len(wanted) - len(todo)
     if progress:

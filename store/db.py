@@ -707,15 +707,82 @@ class Store:
         return {r[0]: json.loads(r[1]) for r in rows}
 
     def latest_mi(self, trace_id: int) -> dict[str, dict[int, float | None]]:
-        """Estimator name -> values of its most recent run on this trace."""
+        """Estimator name -> values of its most recent run on this trace with the model
+        that made it (runs with another model carry a "model" parameter: rescoring)."""
         latest: dict[str, MIRunInfo] = {}
         for run in self.mi_runs(trace_id):
-            latest[run.estimator] = run
+            if "model" not in run.params:
+                latest[run.estimator] = run
         return {name: self.mi_values(run.id) for name, run in latest.items()}
 
     def count_traces(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.exec_driver_sql("SELECT COUNT(*) FROM traces").scalar() or 0)
+
+    # ------------------------------------------------------------------ batches and rescoring
+    def model_row(self, model_id: int) -> dict[str, Any] | None:
+        """A models row as a dict (None if there is no such row)."""
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT id, name, spec, kind, content_hash, revision, tokenizer_hash, dtype, "
+                "device FROM models WHERE id = ?", (int(model_id),)).first()
+        if row is None:
+            return None
+        keys = ("id", "name", "spec", "kind", "content_hash", "revision", "tokenizer_hash",
+                "dtype", "device")
+        return dict(zip(keys, row, strict=True))
+
+    def root_traces(self, *, model_id: int | None = None,
+                    source_set: str | None = None) -> list[TraceInfo]:
+        """Root traces (no parent), oldest first, optionally of one model row and/or one
+        prompt set (prompts.source_set)."""
+        where, args = ["t.parent_trace_id IS NULL"], []
+        if model_id is not None:
+            where.append("t.model_id = ?")
+            args.append(int(model_id))
+        if source_set is not None:
+            where.append("p.source_set = ?")
+            args.append(source_set)
+        return self._trace_infos("WHERE " + " AND ".join(where) + " ORDER BY t.id",
+                                 tuple(args))
+
+    def add_token_scores(self, trace_id: int, model_id: int,
+                         steps: Iterable[TokenStep]) -> int:
+        """Store a trace's tokens as scored by `model_id` (one transaction: a trace is
+        either scored by that model or not). Returns the number of rows written."""
+        rows = [
+            (int(trace_id), int(model_id), s.position, s.logprob, s.rank, s.entropy,
+             json.dumps([{"token_id": a.token_id, "text": a.text, "prob": a.prob}
+                         for a in s.top], ensure_ascii=False) if s.top else None)
+            for s in steps
+        ]
+        if rows:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    "INSERT OR REPLACE INTO token_scores (trace_id, model_id, position, "
+                    "logprob, rank, entropy, top) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def token_scores(self, trace_id: int, model_id: int) -> list[dict[str, Any]]:
+        """The trace's tokens as `model_id` scored them, by position: dicts with
+        position, logprob, rank, entropy (nats) and top (list of {token_id, text, prob},
+        or None)."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT position, logprob, rank, entropy, top FROM token_scores "
+                "WHERE trace_id = ? AND model_id = ? ORDER BY position",
+                (int(trace_id), int(model_id))).fetchall()
+        return [{"position": r[0], "logprob": r[1], "rank": r[2], "entropy": r[3],
+                 "top": None if r[4] is None else json.loads(r[4])} for r in rows]
+
+    def scored_models(self, trace_id: int) -> dict[int, int]:
+        """Model row id -> number of scored positions, for every model that rescored
+        this trace."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT model_id, COUNT(*) FROM token_scores WHERE trace_id = ? "
+                "GROUP BY model_id ORDER BY model_id", (int(trace_id),)).fetchall()
+        return {int(r[0]): int(r[1]) for r in rows}
 
 
 def canonical_json(obj: Any) -> str:

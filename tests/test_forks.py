@@ -386,3 +386,18 @@ def _step():
 
     return TokenStep(position=0, token_id=5, text="x", logprob=-0.1, rank=1, entropy=0.2,
                      sampling_entropy=0.0, top=[Alternative(5, "x", 0.9)])
+
+
+def test_mi_reads_a_branch_as_its_whole_response(tiny_lm, parent):
+    """MI values of a branch line up with its full-response positions."""
+    from forkview.mi import trace_data
+
+    store, tid = parent
+    source = forks.load_source(store, tid)
+    (r,) = forks.grow(tiny_lm, store, source, 5, forks.plan_alternatives(
+        source, 5, 1, forks.branch_params(source, max_new_tokens=6)))
+    data = trace_data(store, r.trace_id)
+    full = store.full_tokens(r.trace_id)
+    assert data.token_ids == [s.token_id for s in full]
+    assert data.token_ids[:5] == source.token_ids[:5]
+    assert data.text == "".join(s.text for s in full)

@@ -1,0 +1,1014 @@
+"""The overlap report: E against P per model x estimator, over a selection of traces.
+
+`build_report(store, settings)` reads the columns it needs with plain SQL on the
+store's engine (a read-only Store is enough), puts them in flat numpy arrays and hands
+them to forkview/analysis/overlap.py; `render_markdown`, `render_html`, `render_json`
+and `render_csv` write the result. Every format states the settings and the forkview
+version. No torch, no Textual: `forkview report` and the explorer's report screen
+both call this.
+
+What is read:
+- traces: root traces by default (`branches` adds forks, samples and rollout
+  continuations, each with its own positions only), status complete or stopped,
+  optionally of some prompt sets (prompts.source_set);
+- a model's entropies: `tokens.entropy` of the traces it generated, and
+  `token_scores.entropy` of the traces it rescored (`forkview rescore`);
+- MI: per trace x estimator x model, the latest (highest id) complete run; a run's
+  model is mi_runs.model_id, or the trace's model when that is empty;
+- traces.correct for the split `by="correct"`.
+
+E is chosen once per model over all its tokens in the selection (so a token is
+high-entropy or not whichever estimator or split it is counted in); P per trace and
+estimator. Between two models that scored the same tokens, the report compares their
+E sets (same rule) and their peak sets (same estimator, same rule).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forkview.analysis import overlap as ov
+from forkview.analysis.peaks import TUKEY, PeakRule
+
+GROUP_ORDER = ("all", "correct", "incorrect", "unknown")
+# Fetch everything and filter in numpy when the selection is at least this share of the
+# rows: one sequential scan beats an index lookup per row.
+_SCAN_SHARE = 0.5
+
+
+class ReportError(Exception):
+    """A report that cannot be made; `usage` marks a bad request (exit 2) rather than a
+    database without what was asked for (exit 1)."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+def forkview_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("forkview")
+    except Exception:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """Everything that decides the numbers; each report carries a copy."""
+
+    entropy: ov.EntropyRule = field(default_factory=ov.EntropyRule)
+    peaks: PeakRule = TUKEY
+    bootstrap: int = 1000
+    null: int = 1000
+    seed: int = 0
+    models: tuple[str, ...] = ()  # row ids, or name/spec substrings; () = all
+    sets: tuple[str, ...] = ()  # prompts.source_set values; () = all
+    estimators: tuple[str, ...] = ()  # () = every estimator with runs
+    branches: bool = False  # also forks, samples and rollout continuations
+    by: str | None = None  # "correct": split by traces.correct
+    top_tokens: int = 15
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entropy_set": {**self.entropy.to_json(), "definition": self.entropy.label},
+            "peak_rule": {"name": self.peaks.name, "param": self.peaks.param,
+                          "definition": f"{self.peaks.label}: {self.peaks.definition}, "
+                                        "per trace"},
+            "mi_run": "latest complete run per trace x estimator x model",
+            "bootstrap": {"iterations": self.bootstrap, "seed": self.seed,
+                          "stream": [self.seed, 1], "unit": "trace",
+                          "interval": "95% percentile"},
+            "null": {"iterations": self.null, "seed": self.seed, "stream": [self.seed, 2],
+                     "method": "circular shift of MI within each trace",
+                     "p": "one-sided, (1 + #null >= observed) / (1 + iterations)"},
+            "filters": {"models": list(self.models), "sets": list(self.sets),
+                        "estimators": list(self.estimators),
+                        "traces": "roots and branches" if self.branches else "roots only"},
+            "by": self.by,
+            "top_tokens": self.top_tokens,
+        }
+
+
+@dataclass
+class ModelSummary:
+    id: int
+    name: str
+    spec: str
+    n_traces: int
+    n_tokens: int
+    generated: int  # traces it generated
+    rescored: int  # traces it rescored
+    entropy: dict[str, Any]
+    histogram: dict[str, Any]
+    n_high: int
+    threshold: float | None  # E's threshold (corpus / fixed); None per trace
+    thresholds_median: float | None = None  # per-trace scope: the median threshold
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "spec": self.spec,
+                "n_traces": self.n_traces, "n_tokens": self.n_tokens,
+                "generated": self.generated, "rescored": self.rescored,
+                "entropy": self.entropy, "histogram": self.histogram, "n_high": self.n_high,
+                "threshold": self.threshold, "thresholds_median": self.thresholds_median}
+
+
+@dataclass
+class ReportRow:
+    model_id: int
+    model: str
+    estimator: str
+    group: str  # all | correct | incorrect | unknown
+    params: list[dict[str, Any]]  # [{"params": {...}, "traces": n}]: the runs used
+    result: ov.OverlapResult
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "model": self.model, "estimator": self.estimator,
+                "group": self.group, "runs": self.params, **self.result.to_json()}
+
+
+@dataclass
+class Report:
+    settings: ReportSettings
+    version: str
+    database: str  # the file name (not the path: reports get shared)
+    n_traces: int  # traces selected
+    models: list[ModelSummary]
+    rows: list[ReportRow]
+    comparisons: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"forkview_version": self.version, "database": self.database,
+                "settings": self.settings.to_json(), "n_traces": self.n_traces,
+                "models": [m.to_json() for m in self.models],
+                "rows": [r.to_json() for r in self.rows],
+                "comparisons": self.comparisons, "notes": self.notes}
+
+
+# ====================================================================== reading
+@dataclass
+class _Selection:
+    ids: np.ndarray  # trace ids, ascending
+    model: np.ndarray  # generating model row per trace
+    correct: list[bool | None]
+
+
+@dataclass
+class _Tokens:
+    """One model's tokens in the selection, sorted by (trace, position)."""
+
+    trace_id: np.ndarray
+    position: np.ndarray
+    entropy: np.ndarray
+    text: list[str]
+
+
+def _fetch(conn: Any, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    # The sqlite3 connection itself: plain tuples, without SQLAlchemy's Row per row
+    # (which doubled the time of reading half a million tokens).
+    return conn.execute(sql, args).fetchall()
+
+
+class _snapshot:
+    """The store's sqlite3 connection inside one read transaction, so every query of a
+    report sees the same database even while another process writes to it."""
+
+    def __init__(self, store: Any) -> None:
+        self.sa = store.engine.connect()
+        self.raw = self.sa.connection.dbapi_connection
+
+    def __enter__(self) -> Any:
+        self.raw.execute("BEGIN")
+        return self.raw
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.raw.execute("ROLLBACK")
+        finally:
+            self.sa.close()
+
+
+def _columns(rows: list[tuple[Any, ...]], n: int) -> list[tuple[Any, ...]]:
+    return list(zip(*rows, strict=True)) if rows else [() for _ in range(n)]
+
+
+def _select(conn: Any, settings: ReportSettings) -> _Selection:
+    where = ["t.status IN ('complete', 'stopped')"]
+    args: list[Any] = []
+    if not settings.branches:
+        where.append("t.parent_trace_id IS NULL")
+    if settings.sets:
+        where.append(f"p.source_set IN ({', '.join('?' * len(settings.sets))})")
+        args += list(settings.sets)
+    rows = _fetch(conn, "SELECT t.id, t.model_id, t.correct FROM traces t "
+                  "JOIN prompts p ON p.id = t.prompt_id WHERE " + " AND ".join(where)
+                  + " ORDER BY t.id", tuple(args))
+    ids, model, correct = _columns(rows, 3)
+    return _Selection(np.array(ids, dtype=np.int64), np.array(model, dtype=np.int64),
+                      [None if c is None else bool(c) for c in correct])
+
+
+def _ids_clause(column: str, ids: np.ndarray, total: int) -> tuple[str, tuple[Any, ...]]:
+    """A WHERE clause keeping `column` in `ids`, or none (filtered in numpy afterwards)
+    when the ids are most of the table's."""
+    if total and len(ids) >= _SCAN_SHARE * total:
+        return "", ()
+    return (f" WHERE {column} IN (SELECT value FROM json_each(?))",
+            (json.dumps([int(i) for i in ids]),))
+
+
+def _match_models(models: dict[int, tuple[str, str]], specs: tuple[str, ...]) -> set[int]:
+    chosen: set[int] = set()
+    for spec in specs:
+        low = spec.lower()
+        if spec.isdigit() and int(spec) in models:
+            hit = {int(spec)}  # a number is a row id (not a substring of names)
+        else:
+            hit = {mid for mid, (name, mspec) in models.items()
+                   if low in name.lower() or low in mspec.lower()}
+        if not hit:
+            have = "; ".join(f"{mid}: {name}" for mid, (name, _) in sorted(models.items()))
+            raise ReportError(f"no model matches {spec!r} (models: {have or 'none'})",
+                              usage=True)
+        chosen |= hit
+    return chosen
+
+
+def _key(trace_id: np.ndarray, position: np.ndarray, span: int) -> np.ndarray:
+    return trace_id.astype(np.int64) * span + position.astype(np.int64)
+
+
+def build_report(store: Any, settings: ReportSettings, *,
+                 database: str | None = None) -> Report:
+    """The report over `store` (read only). Raises ReportError when nothing matches."""
+    with _snapshot(store) as conn:
+        return _build(conn, settings, database or Path(str(store.path)).name)
+
+
+def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
+    if settings.by not in (None, "correct"):
+        raise ReportError(f"unknown split {settings.by!r} (use correct)", usage=True)
+    models = {int(r[0]): (r[1], r[2]) for r in _fetch(conn, "SELECT id, name, spec FROM models")}
+    wanted = _match_models(models, settings.models) if settings.models else set(models)
+    sel = _select(conn, settings)
+    if not len(sel.ids):
+        what = f" in set(s) {', '.join(settings.sets)}" if settings.sets else ""
+        raise ReportError(f"no finished traces{what} in {database}")
+    gen_of = dict(zip(sel.ids.tolist(), sel.model.tolist(), strict=True))
+    correct_of = dict(zip(sel.ids.tolist(), sel.correct, strict=True))
+
+    # ---- tokens of every selected trace (one read), keyed by (trace, position)
+    total_traces = int(_fetch(conn, "SELECT COUNT(*) FROM traces")[0][0])
+    clause, args = _ids_clause("trace_id", sel.ids, total_traces)
+    rows = _fetch(conn, "SELECT trace_id, position, entropy, text FROM tokens" + clause, args)
+    tid, pos, ent, text = _columns(rows, 4)
+    tid = np.array(tid, dtype=np.int64)
+    pos = np.array(pos, dtype=np.int64)
+    ent = np.array(ent, dtype=np.float64)
+    if not clause and len(tid):
+        keep = np.isin(tid, sel.ids)
+        if not keep.all():
+            tid, pos, ent = tid[keep], pos[keep], ent[keep]
+            text = [text[i] for i in np.flatnonzero(keep)]
+    span = int(pos.max()) + 8 if len(pos) else 8
+    key = _key(tid, pos, span)
+    order = np.argsort(key, kind="stable")
+    key, tid, pos, ent = key[order], tid[order], pos[order], ent[order]
+    text = [text[i] for i in order]
+    gen = sel.model[np.searchsorted(sel.ids, tid)]  # generating model per token
+
+    # ---- rescored entropies (token_scores), aligned with the tokens rows
+    scores: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # model -> (token index, entropy)
+    has_scores = _fetch(conn, "SELECT 1 FROM token_scores LIMIT 1")
+    if has_scores and len(key):
+        clause, args = _ids_clause("trace_id", sel.ids, total_traces)
+        srows = _fetch(conn, "SELECT trace_id, model_id, position, entropy FROM token_scores"
+                       + clause, args)
+        s_tid, s_mod, s_pos, s_ent = (np.array(c) for c in _columns(srows, 4))
+        if len(s_tid):
+            s_key = _key(s_tid, s_pos, span)
+            at = np.minimum(np.searchsorted(key, s_key), len(key) - 1)
+            ok = (key[at] == s_key) & (s_mod != gen[at])  # a model's own scores: skip
+            for m in np.unique(s_mod[ok]).tolist():
+                pick = ok & (s_mod == m)
+                idx = at[pick]
+                srt = np.argsort(idx, kind="stable")
+                scores[int(m)] = (idx[srt], s_ent[pick][srt].astype(np.float64))
+
+    # ---- MI: the latest complete run per trace x estimator x model
+    run_rows = _fetch(conn, "SELECT id, trace_id, estimator, params, model_id FROM mi_runs "
+                      "WHERE status = 'complete' ORDER BY id")
+    total_runs = len(run_rows)
+    latest: dict[tuple[int, str, int], tuple[int, str]] = {}
+    for rid, trace_id, est, params, mid in run_rows:
+        if trace_id in gen_of:
+            scorer = int(mid) if mid is not None else gen_of[trace_id]
+            latest[(int(trace_id), est, scorer)] = (int(rid), params)
+    available = sorted({k[1] for k in latest})
+    if settings.estimators:
+        missing = [e for e in settings.estimators if e not in available]
+        if missing:
+            raise ReportError(
+                f"no complete MI runs for estimator {', '.join(map(repr, missing))} in the "
+                f"selected traces (found: {', '.join(available) or 'none'})", usage=True)
+        estimators = [e for e in available if e in settings.estimators]
+    else:
+        estimators = available
+    chosen = {k: v for k, v in latest.items() if k[1] in estimators}
+    mi_by: dict[tuple[str, int], np.ndarray] = {}  # (estimator, model) -> values per token
+    runs_used: dict[tuple[str, int], Counter[str]] = {}
+    if chosen and len(key):
+        run_ids = np.array(sorted(v[0] for v in chosen.values()), dtype=np.int64)
+        clause, args = _ids_clause("run_id", run_ids, total_runs)
+        vrows = _fetch(conn, "SELECT run_id, position, value FROM mi_values" + clause, args)
+        v_run, v_pos, v_val = _columns(vrows, 3)
+        v_run = np.array(v_run, dtype=np.int64)
+        v_pos = np.array(v_pos, dtype=np.int64)
+        v_val = np.array(v_val, dtype=np.float64)  # NULL -> NaN
+        if not clause and len(v_run):
+            keep = np.isin(v_run, run_ids)
+            v_run, v_pos, v_val = v_run[keep], v_pos[keep], v_val[keep]
+        # run -> (trace, slot): slot numbers each (estimator, model) pair
+        slots = sorted({(k[1], k[2]) for k in chosen})
+        slot_of = {s: i for i, s in enumerate(slots)}
+        lut_trace = np.zeros(int(run_ids.max()) + 1, dtype=np.int64)
+        lut_slot = np.full(int(run_ids.max()) + 1, -1, dtype=np.int64)
+        for (trace_id, est, scorer), (rid, params) in chosen.items():
+            lut_trace[rid] = trace_id
+            lut_slot[rid] = slot_of[(est, scorer)]
+            runs_used.setdefault((est, scorer), Counter())[params] += 1
+        v_key = _key(lut_trace[v_run], v_pos, span)
+        at = np.minimum(np.searchsorted(key, v_key), len(key) - 1)
+        found = (key[at] == v_key) & (v_pos < span)
+        for s, i in slot_of.items():
+            pick = found & (lut_slot[v_run] == i)
+            arr = np.full(len(key), np.nan)
+            arr[at[pick]] = v_val[pick]
+            mi_by[s] = arr
+
+    # ---- per model
+    scorer_ids = sorted(m for m in set(gen.tolist()) | set(scores) if m in wanted)
+    if not scorer_ids:
+        raise ReportError("no tokens of the selected model(s) in the selected traces")
+    summaries: list[ModelSummary] = []
+    rows_out: list[ReportRow] = []
+    views: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # model -> (token index, entropy)
+    for m in scorer_ids:
+        own = np.flatnonzero(gen == m)
+        if m in scores:
+            idx = np.concatenate([own, scores[m][0]])
+            e = np.concatenate([ent[own], scores[m][1]])
+            srt = np.argsort(idx, kind="stable")
+            idx, e = idx[srt], e[srt]
+        else:
+            idx, e = own, ent[own]
+        views[m] = (idx, e)
+        t_ids = tid[idx]
+        t_local, kept = ov.compact(t_ids)
+        high, thr = ov.high_entropy_mask(e, t_local, settings.entropy)
+        per_trace = settings.entropy.scope == "trace"
+        name = models.get(m, (f"model {m}", ""))
+        summaries.append(ModelSummary(
+            id=m, name=name[0], spec=name[1], n_traces=len(kept), n_tokens=len(idx),
+            generated=len(np.unique(tid[own])), rescored=len(kept) - len(np.unique(tid[own])),
+            entropy=ov.entropy_summary(e), histogram=ov.histogram(e),
+            n_high=int(high.sum()),
+            threshold=None if per_trace or not np.isfinite(thr) else float(thr),
+            thresholds_median=float(np.nanmedian(thr)) if per_trace and len(thr) else None,
+        ))
+        groups = {"all": np.ones(len(idx), dtype=bool)}
+        if settings.by == "correct":
+            labels = np.array([_group(correct_of[t]) for t in kept.tolist()])[t_local]
+            for g in GROUP_ORDER[1:]:
+                if (labels == g).any():
+                    groups[g] = labels == g
+        texts = [text[i] for i in idx]
+        for est in estimators:
+            mi = mi_by.get((est, m))
+            if mi is None:
+                continue
+            mi = mi[idx]
+            for g, gmask in groups.items():
+                sub = np.flatnonzero(gmask)
+                gt, gk = ov.compact(t_local[sub])
+                res = ov.analyse(
+                    gt, pos[idx][sub], e[sub], mi[sub], high[sub], settings.peaks,
+                    trace_ids=kept[gk].tolist() if len(gk) else [],
+                    texts=[texts[i] for i in sub] if len(sub) < len(idx) else texts,
+                    bootstrap=settings.bootstrap, null=settings.null, seed=settings.seed,
+                    top_tokens=settings.top_tokens)
+                runs = [{"params": json.loads(p), "traces": n}
+                        for p, n in sorted(runs_used[(est, m)].items(),
+                                           key=lambda kv: (-kv[1], kv[0]))]
+                rows_out.append(ReportRow(m, name[0], est, g, runs, res))
+
+    comparisons = _comparisons(scorer_ids, views, mi_by, estimators, tid, settings, models)
+    notes = []
+    if not estimators:
+        notes.append("no complete MI runs on the selected traces: entropy only")
+    return Report(settings=settings, version=forkview_version(), database=database,
+                  n_traces=len(sel.ids), models=summaries, rows=rows_out,
+                  comparisons=comparisons, notes=notes)
+
+
+def _group(correct: bool | None) -> str:
+    return "unknown" if correct is None else ("correct" if correct else "incorrect")
+
+
+def _comparisons(scorer_ids: list[int], views: dict[int, tuple[np.ndarray, np.ndarray]],
+                 mi_by: dict[tuple[str, int], np.ndarray], estimators: list[str],
+                 tid: np.ndarray, settings: ReportSettings,
+                 models: dict[int, tuple[str, str]]) -> list[dict[str, Any]]:
+    """Every pair of models that scored some of the same tokens."""
+    out = []
+    for i, a in enumerate(scorer_ids):
+        for b in scorer_ids[i + 1:]:
+            ia, ea = views[a]
+            ib, eb = views[b]
+            common, pa, pb = np.intersect1d(ia, ib, assume_unique=True, return_indices=True)
+            if not len(common):
+                continue
+            t_local, _ = ov.compact(tid[common])
+            base = {"model_a": models.get(a, (str(a),))[0], "model_b": models.get(b, (str(b),))[0],
+                    "model_a_id": a, "model_b_id": b}
+            agree = ov.agreement_by_trace(t_local, ea[pa], eb[pb], kind="entropy",
+                                          rule=settings.entropy)
+            out.append({**base, "what": "entropy", "rule": settings.entropy.label, **agree})
+            for est in estimators:
+                ma, mb = mi_by.get((est, a)), mi_by.get((est, b))
+                if ma is None or mb is None:
+                    continue
+                agree = ov.agreement_by_trace(t_local, ma[common], mb[common], kind="peaks",
+                                              rule=settings.peaks)
+                if agree["n_positions"]:
+                    out.append({**base, "what": f"peaks: {est}", "rule": settings.peaks.label,
+                                **agree})
+    return out
+
+
+def report_options(store: Any) -> dict[str, list[Any]]:
+    """What the filters can choose from: models [(id, name)], sets, estimators."""
+    with _snapshot(store) as conn:
+        models = [(int(r[0]), r[1]) for r in _fetch(conn, "SELECT id, name FROM models "
+                                                      "ORDER BY id")]
+        sets = [r[0] for r in _fetch(conn, "SELECT DISTINCT source_set FROM prompts WHERE "
+                                     "source_set IS NOT NULL ORDER BY source_set")]
+        ests = [r[0] for r in _fetch(conn, "SELECT DISTINCT estimator FROM mi_runs WHERE "
+                                     "status = 'complete' ORDER BY estimator")]
+    return {"models": models, "sets": sets, "estimators": ests}
+
+
+# ====================================================================== formatting
+STAT_LABELS = {
+    "precision": "precision |E∩P|/|P|",
+    "recall": "recall |E∩P|/|E|",
+    "jaccard": "Jaccard |E∩P|/|E∪P|",
+    "odds_ratio": "odds ratio (E × P)",
+    "lift": "lift (precision / base rate)",
+    "base_rate": "base rate |E|/n",
+    "spearman": "Spearman ρ(H, MI), mean per trace",
+    "auroc": "AUROC of H for P",
+}
+SHARED_P = ("Precision, recall, Jaccard, odds ratio and lift share one p-value: a shift "
+            "keeps |E|, |P| and n, so each is a function of |E∩P| alone.")
+TABLE_NAMES = {"high": "E", "peak": "P", "both": "E∩P", "peak_only": "P only",
+               "high_only": "E only"}
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    return f"{v:.{digits}f}"
+
+
+def fmt_p(p: float | None) -> str:
+    return "—" if p is None or not math.isfinite(p) else f"{p:.4f}"
+
+
+def fmt_ci(est: ov.Estimate, digits: int = 3) -> str:
+    if est.lo is None or est.hi is None or not (math.isfinite(est.lo)
+                                                and math.isfinite(est.hi)):
+        return "—"
+    return f"[{est.lo:.{digits}f}, {est.hi:.{digits}f}]"
+
+
+def _digits(name: str) -> int:
+    return 2 if name in ("odds_ratio", "lift") else 3
+
+
+def token_repr(text: str) -> str:
+    """A token as a JSON string literal: quotes show spaces, "\\n" shows newlines (the
+    form MI-Peaks' lists use)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def settings_lines(report: Report) -> list[tuple[str, str]]:
+    s = report.settings
+    e = s.entropy
+    e_text = e.label + (f" (scope {e.scope}, ρ = {e.rho:g})" if e.scope != "threshold"
+                        else " (fixed threshold)")
+    f = s.to_json()["filters"]
+    return [
+        ("forkview version", report.version),
+        ("database", report.database),
+        ("traces", f"{f['traces']}, finished (complete or stopped); "
+                   f"sets: {', '.join(s.sets) or 'all'}; models: {', '.join(s.models) or 'all'}"),
+        ("high-entropy set E", e_text),
+        ("peak set P", f"{s.peaks.label}: {s.peaks.definition}, per trace"),
+        ("MI", "latest complete run per trace × estimator × model; positions without an MI "
+               "value left out of MI statistics"),
+        ("95% intervals", f"bootstrap over traces, {s.bootstrap} resamples, seed {s.seed}, "
+                          "percentile method; E's threshold and the peaks held as in the "
+                          "full sample"),
+        ("null", f"MI circularly shifted within each trace, {s.null} shifts, seed {s.seed}; "
+                 "p one-sided = (1 + #null ≥ observed) / (1 + shifts)"),
+        ("split", "by answer correctness" if s.by == "correct" else "none"),
+    ]
+
+
+# ---------------------------------------------------------------------- markdown
+def _md(text: str) -> str:
+    """Plain text safe inside a Markdown table cell: pipes and backslashes escaped, and
+    "<" written as an entity so no tag (e.g. a `<script>` in a model's name) survives a
+    Markdown-to-HTML renderer."""
+    return (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+            .replace("`", "\\`").replace("<", "&lt;"))
+
+
+def _md_code(text: str) -> str:
+    """Text as a code span in a table cell: literal inside (no escapes, no HTML), so only
+    the cell's pipes need escaping, and the fence must be longer than any run of
+    backticks inside."""
+    fence = "`" * (max((len(r) for r in re.findall("`+", text)), default=0) + 1)
+    body = text.replace("|", "\\|").replace("\n", " ")
+    pad = " " if body.startswith("`") or body.endswith("`") else ""
+    return f"{fence}{pad}{body}{pad}{fence}"
+
+
+def _md_table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    out = ["| " + " | ".join(h.replace("|", "\\|") for h in header) + " |",
+           "| " + " | ".join(sep) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def render_markdown(report: Report) -> str:
+    L: list[str] = ["# forkview overlap report", ""]
+    L += [f"High-entropy tokens (E) against MI peaks (P), per model × estimator, over "
+          f"{report.n_traces:,} traces of `{_md(report.database)}`. "
+          f"forkview {report.version}.", ""]
+    L += ["## Settings", ""]
+    L += _md_table(["setting", "value"], [[k, _md(v)] for k, v in settings_lines(report)], "ll")
+    for note in report.notes:
+        L += ["", f"Note: {_md(note)}"]
+    L += ["", "## Entropy", ""]
+    qs = ("0.5", "0.8", "0.9", "0.99")
+    rows = []
+    for m in report.models:
+        q = m.entropy.get("quantiles", {})
+        thr = m.threshold if m.threshold is not None else m.thresholds_median
+        rows.append([_md(m.name), fmt(m.n_traces), fmt(m.n_tokens), fmt(m.entropy["mean"]),
+                     *(fmt(q.get(k)) for k in qs), fmt(m.entropy["fraction_below"]),
+                     fmt(m.entropy["fraction_above_wang"]), fmt(thr), fmt(m.n_high)])
+    L += _md_table(["model", "traces", "tokens", "mean", "median", "q0.8", "q0.9", "q0.99",
+                    "< 0.01 nats", "≥ 0.672", "E threshold", "|E|"], rows)
+    L += ["", "Entropies in nats (full vocabulary, T = 1). Quantiles: linear interpolation. "
+          "\"< 0.01 nats\" and \"≥ 0.672\": fractions of tokens (Wang et al.: over half, "
+          "and 20%). E threshold: the entropy at which E starts"
+          + (" (median over traces)." if report.settings.entropy.scope == "trace" else ".")]
+    if report.rows:
+        L += ["", "## Overlap summary", ""]
+        rows = []
+        for r in report.rows:
+            s = r.result.stats
+            rows.append([_md(r.model), _md(r.estimator), r.group, fmt(r.result.n_traces),
+                         fmt(r.result.n_positions), fmt(r.result.peak_rate["mean"]),
+                         *(fmt(s[k].value, _digits(k)) for k in
+                           ("precision", "recall", "jaccard", "odds_ratio", "base_rate",
+                            "spearman", "auroc"))])
+        L += _md_table(["model", "estimator", "group", "traces", "positions", "peak rate",
+                        "precision", "recall", "Jaccard", "odds ratio", "base rate",
+                        "Spearman", "AUROC"], rows, "lll" + "r" * 10)
+        L += ["", "positions: tokens with an MI value (the only ones MI statistics use); "
+              "peak rate: mean over traces of |P|/n."]
+    for r in report.rows:
+        L += _md_row(r)
+    if report.comparisons:
+        L += ["", "## Between models (same tokens)", ""]
+        rows = [[_md(c["model_a"]), _md(c["model_b"]), _md(c["what"]), fmt(c["n_traces"]),
+                 fmt(c["n_positions"]), fmt(c["n_a"]), fmt(c["n_b"]), fmt(c["jaccard"]),
+                 fmt(c["a_in_b"]), fmt(c["b_in_a"])] for c in report.comparisons]
+        L += _md_table(["model A", "model B", "sets", "traces", "positions", "|A|", "|B|",
+                        "Jaccard", "A in B", "B in A"], rows, "lll" + "r" * 7)
+        L += ["", "A in B: the share of A's positions that are also in B's (the 80/20 paper "
+              "reports > 86% for its base and RL-trained models' top-20% entropy positions)."]
+    return "\n".join(L) + "\n"
+
+
+def _md_row(r: ReportRow) -> list[str]:
+    res = r.result
+    L = ["", f"## {_md(r.model)} · {_md(r.estimator)} · {r.group}", ""]
+    runs = "; ".join(f"{_md(json.dumps(p['params'], sort_keys=True))} ({p['traces']} traces)"
+                     for p in r.params)
+    L += [f"{res.n_traces:,} traces, {res.n_positions:,} positions with MI, |E| = "
+          f"{res.n_high:,}, |P| = {res.n_peaks:,}, |E∩P| = {res.n_both:,}; Spearman over "
+          f"{res.spearman_traces:,} traces; runs: {runs or '—'}.", ""]
+    rows = []
+    for name in ov.STAT_NAMES:
+        est = res.stats[name]
+        d = _digits(name)
+        rows.append([_md(STAT_LABELS[name]), fmt(est.value, d), fmt_ci(est, d), fmt_p(est.p)])
+    L += _md_table(["statistic", "value", "95% CI", "p (shift null)"], rows)
+    L += ["", SHARED_P]
+    L += ["", "Lag profile (E at t, P at t + lag):", ""]
+    rows = [[f"{row['lag']:+d}", fmt(row["pairs"]), fmt(row["precision"]),
+             _ci(row["precision_lo"], row["precision_hi"]), fmt(row["jaccard"]),
+             _ci(row["jaccard_lo"], row["jaccard_hi"])] for row in res.lags]
+    L += _md_table(["lag", "pairs", "precision", "95% CI", "Jaccard", "95% CI"], rows)
+    if res.tokens:
+        L += ["", "Most frequent tokens:", ""]
+        names = list(TABLE_NAMES)
+        depth = max((len(res.tokens.get(n, [])) for n in names), default=0)
+        rows = []
+        for i in range(depth):
+            row = []
+            for n in names:
+                items = res.tokens.get(n, [])
+                row.append(f"{_md_code(token_repr(items[i][0]))} {items[i][1]}"
+                           if i < len(items) else "")
+            rows.append(row)
+        L += _md_table([TABLE_NAMES[n] for n in names], rows, "lllll")
+    return L
+
+
+def _ci(lo: float, hi: float) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "—"
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+# ---------------------------------------------------------------------- JSON and CSV
+def render_json(report: Report) -> str:
+    return json.dumps(_clean(report.to_json()), ensure_ascii=False, indent=1) + "\n"
+
+
+def _clean(obj: Any) -> Any:
+    """NaN / inf -> null and numpy scalars -> Python: strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+CSV_SETTINGS = ("entropy_scope", "rho", "entropy_threshold", "peak_rule", "peak_param",
+                "bootstrap", "null", "seed", "traces", "sets", "forkview_version", "database")
+
+
+def render_csv(report: Report) -> str:
+    """One row per model × estimator (× group), every statistic with its interval and
+    p-value, the lag profile, and the settings repeated on each row."""
+    s = report.settings
+    fields = ["model", "model_id", "estimator", "group", "n_traces", "n_positions", "n_high",
+              "n_peaks", "n_both", "spearman_traces", "peak_rate_mean"]
+    for name in ov.STAT_NAMES:
+        fields += [name, f"{name}_lo", f"{name}_hi", f"{name}_p"]
+    for lag in ov.LAGS:
+        fields += [f"lag{lag:+d}_precision", f"lag{lag:+d}_jaccard"]
+    fields += list(CSV_SETTINGS)
+    settings = {"entropy_scope": s.entropy.scope, "rho": s.entropy.rho,
+                "entropy_threshold": s.entropy.threshold, "peak_rule": s.peaks.name,
+                "peak_param": s.peaks.param, "bootstrap": s.bootstrap, "null": s.null,
+                "seed": s.seed, "traces": "roots and branches" if s.branches else "roots",
+                "sets": ";".join(s.sets), "forkview_version": report.version,
+                "database": report.database}
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in report.rows:
+        res = r.result
+        row: dict[str, Any] = {
+            "model": r.model, "model_id": r.model_id, "estimator": r.estimator,
+            "group": r.group, "n_traces": res.n_traces, "n_positions": res.n_positions,
+            "n_high": res.n_high, "n_peaks": res.n_peaks, "n_both": res.n_both,
+            "spearman_traces": res.spearman_traces,
+            "peak_rate_mean": _csv_num(res.peak_rate["mean"])}
+        for name in ov.STAT_NAMES:
+            est = res.stats[name]
+            row.update({name: _csv_num(est.value), f"{name}_lo": _csv_num(est.lo),
+                        f"{name}_hi": _csv_num(est.hi), f"{name}_p": _csv_num(est.p)})
+        for lag in res.lags:
+            row[f"lag{lag['lag']:+d}_precision"] = _csv_num(lag["precision"])
+            row[f"lag{lag['lag']:+d}_jaccard"] = _csv_num(lag["jaccard"])
+        row.update(settings)
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _csv_num(v: float | None) -> Any:
+    return "" if v is None or not math.isfinite(v) else repr(float(v))
+
+
+# ---------------------------------------------------------------------- HTML
+VIRIDIS = ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779",
+           "#6ece58", "#b5de2b", "#fde725")
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.4}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ccc}
+h3{font-size:1.05em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
+th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right;vertical-align:top}
+th{background:#f3f3f3}td.l,th.l{text-align:left}
+code{background:#f4f4f4;padding:0 .2em;white-space:pre}
+.plots{display:flex;flex-wrap:wrap;gap:1em}.plots figure{margin:0}
+figcaption{font-size:.8em;color:#555;max-width:420px}
+.note{color:#555;font-size:.9em}
+svg text{font-family:system-ui,sans-serif;font-size:10px;fill:#333}
+"""
+
+
+def _e(text: Any) -> str:
+    """Escaped for HTML text and attribute values alike."""
+    return html.escape(str(text), quote=True)
+
+
+def _html_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    def cell(tag: str, i: int, v: str) -> str:
+        cls = ' class="l"' if i < left else ""
+        return f"<{tag}{cls}>{v}</{tag}>"
+
+    out = ["<table><tr>" + "".join(cell("th", i, _e(h)) for i, h in enumerate(header))
+           + "</tr>"]
+    for r in rows:
+        out.append("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _svg(width: int, height: int, body: list[str], label: str) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(label)}">'
+            + "".join(body) + "</svg>")
+
+
+def _axes(x0: float, y0: float, w: float, h: float, xlabel: str, ylabel: str,
+          xticks: list[tuple[float, str]], yticks: list[tuple[float, str]],
+          gap: float = 34) -> list[str]:
+    out = [f'<line x1="{x0}" y1="{y0 + h}" x2="{x0 + w}" y2="{y0 + h}" stroke="#333"/>',
+           f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y0 + h}" stroke="#333"/>',
+           f'<text x="{x0 + w / 2}" y="{y0 + h + 28}" text-anchor="middle">{_e(xlabel)}</text>',
+           f'<text x="{x0 - gap}" y="{y0 + h / 2}" text-anchor="middle" '
+           f'transform="rotate(-90 {x0 - gap} {y0 + h / 2})">{_e(ylabel)}</text>']
+    for x, t in xticks:
+        out.append(f'<line x1="{x:.1f}" y1="{y0 + h}" x2="{x:.1f}" y2="{y0 + h + 4}" '
+                   f'stroke="#333"/><text x="{x:.1f}" y="{y0 + h + 14}" '
+                   f'text-anchor="middle">{_e(t)}</text>')
+    for y, t in yticks:
+        out.append(f'<line x1="{x0 - 4}" y1="{y:.1f}" x2="{x0}" y2="{y:.1f}" stroke="#333"/>'
+                   f'<text x="{x0 - 6}" y="{y + 3:.1f}" text-anchor="end">{_e(t)}</text>')
+    return out
+
+
+def svg_histogram(edges: list[float], counts: list[int], xlabel: str, label: str,
+                  marker: float | None = None, marker_label: str = "") -> str:
+    W, H, x0, y0, w, h = 440, 200, 50, 12, 370, 150
+    if not counts:
+        return _svg(W, H, ['<text x="20" y="40">no data</text>'], label)
+    top = max(max(counts), 1)
+    lo, hi = edges[0], edges[-1]
+    span = (hi - lo) or 1.0
+    body = []
+    bw = w / len(counts)
+    for i, c in enumerate(counts):
+        bh = h * c / top
+        tip = f"{edges[i]:.3g}–{edges[i + 1]:.3g}: {c}"
+        body.append(f'<rect x="{x0 + i * bw:.1f}" y="{y0 + h - bh:.1f}" width="{bw - 1:.1f}" '
+                    f'height="{bh:.1f}" fill="{VIRIDIS[3]}"><title>{_e(tip)}</title></rect>')
+    if marker is not None and lo <= marker <= hi:
+        mx = x0 + w * (marker - lo) / span
+        body.append(f'<line x1="{mx:.1f}" y1="{y0}" x2="{mx:.1f}" y2="{y0 + h}" '
+                    f'stroke="#d62728" stroke-dasharray="4 3"/><text x="{mx + 3:.1f}" '
+                    f'y="{y0 + 10}" fill="#d62728">{_e(marker_label)}</text>')
+    xt = [(x0 + w * k / 4, f"{lo + span * k / 4:.2g}") for k in range(5)]
+    yt = [(y0 + h - h * k / 2, f"{top * k / 2:.3g}") for k in range(3)]
+    body += _axes(x0, y0, w, h, xlabel, "tokens" if "ntropy" in xlabel else "traces", xt, yt)
+    return _svg(W, H, body, label)
+
+
+def svg_density(d: dict[str, Any], ylabel: str, label: str) -> str:
+    W, H, x0, y0, w, h = 460, 240, 72, 10, 330, 190
+    counts = d.get("counts") or []
+    if not counts:
+        return _svg(W, H, ['<text x="20" y="40">no data</text>'], label)
+    nx, ny = len(counts), len(counts[0])
+    top = math.log1p(max(max(r) for r in counts)) or 1.0
+    cw, ch = w / nx, h / ny
+    body = []
+    for i in range(nx):
+        for j in range(ny):
+            c = counts[i][j]
+            if not c:
+                continue
+            step = min(len(VIRIDIS) - 1, int(math.log1p(c) / top * (len(VIRIDIS) - 1) + 0.5))
+            body.append(f'<rect x="{x0 + i * cw:.1f}" y="{y0 + h - (j + 1) * ch:.1f}" '
+                        f'width="{cw + 0.2:.1f}" height="{ch + 0.2:.1f}" fill="{VIRIDIS[step]}">'
+                        f"<title>{c}</title></rect>")
+    xe, ye = d["x_edges"], d["y_edges"]
+    xt = [(x0 + w * k / 4, f"{xe[0] + (xe[-1] - xe[0]) * k / 4:.2g}") for k in range(5)]
+    yt = [(y0 + h - h * k / 4, f"{ye[0] + (ye[-1] - ye[0]) * k / 4:.2g}") for k in range(5)]
+    body += _axes(x0, y0, w, h, "entropy (nats)", ylabel, xt, yt, gap=56)
+    # colour key
+    for k, colour in enumerate(VIRIDIS):
+        body.append(f'<rect x="{x0 + w + 12}" y="{y0 + h - (k + 1) * h / len(VIRIDIS):.1f}" '
+                    f'width="10" height="{h / len(VIRIDIS) + 0.2:.1f}" fill="{colour}"/>')
+    body.append(f'<text x="{x0 + w + 26}" y="{y0 + 8}">{_e(int(math.expm1(top)))}</text>'
+                f'<text x="{x0 + w + 26}" y="{y0 + h}">1</text>')
+    return _svg(W, H, body, label)
+
+
+def svg_lags(lags: list[dict[str, Any]], base: float | None, label: str) -> str:
+    W, H, x0, y0, w, h = 440, 200, 50, 12, 370, 150
+    vals = [v for r in lags for v in (r["precision_hi"], r["precision"], r["jaccard_hi"])
+            if isinstance(v, float) and math.isfinite(v)]
+    top = max([*vals, base or 0.0, 1e-9]) * 1.1
+    n = len(lags)
+
+    def X(i: int) -> float:
+        return x0 + w * (i + 0.5) / n
+
+    def Y(v: float) -> float:
+        return y0 + h - h * v / top
+
+    body = []
+    if base is not None and math.isfinite(base):
+        body.append(f'<line x1="{x0}" y1="{Y(base):.1f}" x2="{x0 + w}" y2="{Y(base):.1f}" '
+                    f'stroke="#999" stroke-dasharray="4 3"/><text x="{x0 + w - 2}" '
+                    f'y="{Y(base) - 3:.1f}" text-anchor="end">base rate |E|/n</text>')
+    for key, colour, dx in (("precision", "#1f77b4", -4), ("jaccard", "#ff7f0e", 4)):
+        pts = []
+        for i, r in enumerate(lags):
+            v, lo, hi = r[key], r[f"{key}_lo"], r[f"{key}_hi"]
+            if not math.isfinite(v):
+                continue
+            x = X(i) + dx
+            tip = f"lag {r['lag']:+d} {key} {v:.3f}"
+            if math.isfinite(lo) and math.isfinite(hi):
+                body.append(f'<line x1="{x:.1f}" y1="{Y(lo):.1f}" x2="{x:.1f}" y2="{Y(hi):.1f}" '
+                            f'stroke="{colour}"/>')
+            body.append(f'<circle cx="{x:.1f}" cy="{Y(v):.1f}" r="3" fill="{colour}">'
+                        f"<title>{_e(tip)}</title></circle>")
+            pts.append(f"{x:.1f},{Y(v):.1f}")
+        if pts:
+            body.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{colour}" '
+                        f'stroke-width="1"/>')
+    body.append(f'<text x="{x0 + 8}" y="{y0 + 10}" fill="#1f77b4">precision</text>'
+                f'<text x="{x0 + 70}" y="{y0 + 10}" fill="#ff7f0e">Jaccard</text>')
+    xt = [(X(i), f"{r['lag']:+d}") for i, r in enumerate(lags)]
+    yt = [(Y(top * k / 2), f"{top * k / 2:.2g}") for k in range(3)]
+    body += _axes(x0, y0, w, h, "lag (peak at t + lag)", "overlap", xt, yt)
+    return _svg(W, H, body, label)
+
+
+def render_html(report: Report) -> str:
+    """A self-contained page: inline CSS and SVG, no script, every text escaped."""
+    P: list[str] = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+                    f"<title>forkview overlap report: {_e(report.database)}</title>",
+                    f"<style>{CSS}</style></head><body>",
+                    "<h1>forkview overlap report</h1>",
+                    f"<p>High-entropy tokens (E) against MI peaks (P), per model × estimator, "
+                    f"over {report.n_traces:,} traces of <code>{_e(report.database)}</code>. "
+                    f"forkview {_e(report.version)}.</p>",
+                    "<h2>Settings</h2>"]
+    P.append(_html_table(["setting", "value"], [[_e(k), _e(v)] for k, v in
+                                                settings_lines(report)], left=2))
+    for note in report.notes:
+        P.append(f'<p class="note">Note: {_e(note)}</p>')
+    P.append("<h2>Entropy</h2>")
+    qs = ("0.5", "0.8", "0.9", "0.99")
+    rows = []
+    for m in report.models:
+        q = m.entropy.get("quantiles", {})
+        thr = m.threshold if m.threshold is not None else m.thresholds_median
+        rows.append([_e(m.name), fmt(m.n_traces), fmt(m.n_tokens), fmt(m.entropy["mean"]),
+                     *(fmt(q.get(k)) for k in qs), fmt(m.entropy["fraction_below"]),
+                     fmt(m.entropy["fraction_above_wang"]), fmt(thr), fmt(m.n_high)])
+    P.append(_html_table(["model", "traces", "tokens", "mean", "median", "q0.8", "q0.9",
+                          "q0.99", "< 0.01 nats", "≥ 0.672", "E threshold", "|E|"], rows))
+    P.append('<div class="plots">')
+    for m in report.models:
+        thr = m.threshold if m.threshold is not None else None
+        P.append("<figure>" + svg_histogram(
+            m.histogram.get("edges", []), m.histogram.get("counts", []), "entropy (nats)",
+            f"entropy histogram, {m.name}", marker=thr,
+            marker_label=f"E ≥ {thr:.3g}" if thr is not None else "")
+            + f"<figcaption>Entropy of {_e(m.name)}'s tokens ({m.n_tokens:,}); the last bin "
+              "holds everything above the 99.5th percentile.</figcaption></figure>")
+    P.append("</div>")
+    if report.rows:
+        P.append("<h2>Overlap summary</h2>")
+        rows = []
+        for r in report.rows:
+            s = r.result.stats
+            rows.append([_e(r.model), _e(r.estimator), _e(r.group), fmt(r.result.n_traces),
+                         fmt(r.result.n_positions), fmt(r.result.peak_rate["mean"]),
+                         *(fmt(s[k].value, _digits(k)) for k in
+                           ("precision", "recall", "jaccard", "odds_ratio", "base_rate",
+                            "spearman", "auroc"))])
+        P.append(_html_table(["model", "estimator", "group", "traces", "positions",
+                              "peak rate", "precision", "recall", "Jaccard", "odds ratio",
+                              "base rate", "Spearman", "AUROC"], rows, left=3))
+    for r in report.rows:
+        P += _html_row(r)
+    if report.comparisons:
+        P.append("<h2>Between models (same tokens)</h2>")
+        rows = [[_e(c["model_a"]), _e(c["model_b"]), _e(c["what"]), fmt(c["n_traces"]),
+                 fmt(c["n_positions"]), fmt(c["n_a"]), fmt(c["n_b"]), fmt(c["jaccard"]),
+                 fmt(c["a_in_b"]), fmt(c["b_in_a"])] for c in report.comparisons]
+        P.append(_html_table(["model A", "model B", "sets", "traces", "positions", "|A|",
+                              "|B|", "Jaccard", "A in B", "B in A"], rows, left=3))
+        P.append('<p class="note">A in B: the share of A\'s positions also in B\'s (the 80/20 '
+                 "paper reports &gt; 86% for its base and RL-trained models' top-20% "
+                 "entropy positions).</p>")
+    P.append("</body></html>")
+    return "\n".join(P) + "\n"
+
+
+def _html_row(r: ReportRow) -> list[str]:
+    res = r.result
+    runs = "; ".join(f"<code>{_e(json.dumps(p['params'], sort_keys=True))}</code> "
+                     f"({p['traces']} traces)" for p in r.params)
+    P = [f"<h2>{_e(r.model)} · {_e(r.estimator)} · {_e(r.group)}</h2>",
+         f"<p>{res.n_traces:,} traces, {res.n_positions:,} positions with MI, |E| = "
+         f"{res.n_high:,}, |P| = {res.n_peaks:,}, |E∩P| = {res.n_both:,}; Spearman over "
+         f"{res.spearman_traces:,} traces; runs: {runs or '—'}.</p>"]
+    rows = []
+    for name in ov.STAT_NAMES:
+        est = res.stats[name]
+        d = _digits(name)
+        rows.append([_e(STAT_LABELS[name]), fmt(est.value, d), fmt_ci(est, d), fmt_p(est.p)])
+    P.append(_html_table(["statistic", "value", "95% CI", "p (shift null)"], rows))
+    P.append(f'<p class="note">{_e(SHARED_P)}</p>')
+    base = res.stats["base_rate"].value
+    jac = [v for v in res.per_trace.get("jaccard", []) if isinstance(v, float)
+           and math.isfinite(v)]
+    counts = np.histogram(jac, bins=20, range=(0, 1))[0].tolist() if jac else []
+    P.append('<div class="plots">')
+    P.append("<figure>" + svg_density(res.density, f"MI ({r.estimator})",
+                                      f"entropy vs MI, {r.model}, {r.estimator}")
+             + "<figcaption>Tokens by entropy and MI (count per cell, log colour scale; "
+               "axes span the 0.5–99.5th percentiles, outliers in the edge cells)."
+               "</figcaption></figure>")
+    P.append("<figure>" + svg_lags(res.lags, base, f"lag profile, {r.model}, {r.estimator}")
+             + "<figcaption>Overlap of E at t with P at t + lag, 95% bootstrap intervals; "
+               "dashed: the precision E would have by chance.</figcaption></figure>")
+    P.append("<figure>" + svg_histogram([k / 20 for k in range(21)], counts,
+                                        "Jaccard of E and P per trace",
+                                        f"per-trace overlap, {r.model}, {r.estimator}")
+             + f"<figcaption>Per-trace Jaccard of E and P ({len(jac):,} traces)."
+               "</figcaption></figure>")
+    P.append("</div>")
+    rows = [[f"{row['lag']:+d}", fmt(row["pairs"]), fmt(row["precision"]),
+             _ci(row["precision_lo"], row["precision_hi"]), fmt(row["jaccard"]),
+             _ci(row["jaccard_lo"], row["jaccard_hi"])] for row in res.lags]
+    P.append("<h3>Lag profile</h3>")
+    P.append(_html_table(["lag", "pairs", "precision", "95% CI", "Jaccard", "95% CI"], rows))
+    if res.tokens:
+        P.append("<h3>Most frequent tokens</h3>")
+        names = list(TABLE_NAMES)
+        depth = max((len(res.tokens.get(n, [])) for n in names), default=0)
+        rows = []
+        for i in range(depth):
+            row = []
+            for n in names:
+                items = res.tokens.get(n, [])
+                row.append(f"<code>{_e(token_repr(items[i][0]))}</code> {items[i][1]}"
+                           if i < len(items) else "")
+            rows.append(row)
+        P.append(_html_table([TABLE_NAMES[n] for n in names], rows, left=5))
+    return P
+
+
+RENDERERS = {"md": render_markdown, "html": render_html, "json": render_json,
+             "csv": render_csv}
