@@ -111,6 +111,7 @@ class ExplorerScreen(Screen[None]):
         Binding("e", "cycle_estimator", "estimator", show=False),
         Binding("r", "cycle_rule", "peak rule", show=False),
         Binding("m", "run_mi", "MI"),
+        Binding("R", "report", "report", show=False),
         Binding("p", "focus_prompt", "prompt"),
         Binding("b,f2", "browse", "browse"),
         Binding("question_mark,f1", "app.help", "help"),
@@ -616,12 +617,6 @@ class ExplorerScreen(Screen[None]):
             self.notify("A generation is running: wait for it or press Esc.",
                         severity="warning")
             return
-        if self.branch_of is not None:
-            # forkview.mi reads a trace's own tokens, which for a branch start at its
-            # fork: its positions would not line up with the response.
-            self.notify("MI is computed on root traces: this is a branch. Open its root "
-                        "(t, the tree) to compute MI there.", severity="warning", timeout=6)
-            return
         if self.fork_job is not None:
             if self.mi_estimators:
                 self.mi_next = (self.trace_id, self.mi_estimators)
@@ -803,6 +798,12 @@ class ExplorerScreen(Screen[None]):
         from forkview.ui.browser import BrowserScreen
 
         self.app.push_screen(BrowserScreen(self.store), callback=self.open_trace)
+
+    def action_report(self) -> None:
+        """The overlap report of this database: `forkview report`'s numbers."""
+        from forkview.ui.report_screen import ReportScreen
+
+        self.app.push_screen(ReportScreen(self.store.path, store=self.store))
 
     def action_tree(self) -> None:
         """`t`: the family tree of the trace on screen."""

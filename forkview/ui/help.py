@@ -54,6 +54,8 @@ KEYS = [
         ("]  [", "next / previous MI peak"),
         ("m", "compute MI on this trace (hsic, answer-gain; needs the model;"
               " runs by itself after each generation)"),
+        ("R", "overlap report of this database: high-entropy tokens against MI"
+              " peaks, per model × estimator (filter by model, set, estimator)"),
     ]),
     ("Browser", [
         ("↑ ↓  Enter", "choose a trace and open it in the explorer"),
