@@ -32,6 +32,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -511,6 +512,15 @@ def _digits(name: str) -> int:
     return 2 if name in ("odds_ratio", "lift") else 3
 
 
+def _token_rows(res: Any, cell: Callable[[str, int], str]) -> list[list[str]]:
+    """The token tables side by side: row i holds the i-th most frequent token of each
+    set (E, P, E∩P, P only, E only), blank where a set has fewer."""
+    names = list(TABLE_NAMES)
+    depth = max((len(res.tokens.get(n, [])) for n in names), default=0)
+    return [[cell(*res.tokens[n][i]) if i < len(res.tokens.get(n, [])) else ""
+             for n in names] for i in range(depth)]
+
+
 def token_repr(text: str) -> str:
     """A token as a JSON string literal: quotes show spaces, "\\n" shows newlines (the
     form MI-Peaks' lists use)."""
@@ -644,17 +654,8 @@ def _md_row(r: ReportRow) -> list[str]:
     L += _md_table(["lag", "pairs", "precision", "95% CI", "Jaccard", "95% CI"], rows)
     if res.tokens:
         L += ["", "Most frequent tokens:", ""]
-        names = list(TABLE_NAMES)
-        depth = max((len(res.tokens.get(n, [])) for n in names), default=0)
-        rows = []
-        for i in range(depth):
-            row = []
-            for n in names:
-                items = res.tokens.get(n, [])
-                row.append(f"{_md_code(token_repr(items[i][0]))} {items[i][1]}"
-                           if i < len(items) else "")
-            rows.append(row)
-        L += _md_table([TABLE_NAMES[n] for n in names], rows, "lllll")
+        rows = _token_rows(res, lambda text, n: f"{_md_code(token_repr(text))} {n}")
+        L += _md_table(list(TABLE_NAMES.values()), rows, "lllll")
     return L
 
 
@@ -996,17 +997,8 @@ def _html_row(r: ReportRow) -> list[str]:
     P.append(_html_table(["lag", "pairs", "precision", "95% CI", "Jaccard", "95% CI"], rows))
     if res.tokens:
         P.append("<h3>Most frequent tokens</h3>")
-        names = list(TABLE_NAMES)
-        depth = max((len(res.tokens.get(n, [])) for n in names), default=0)
-        rows = []
-        for i in range(depth):
-            row = []
-            for n in names:
-                items = res.tokens.get(n, [])
-                row.append(f"<code>{_e(token_repr(items[i][0]))}</code> {items[i][1]}"
-                           if i < len(items) else "")
-            rows.append(row)
-        P.append(_html_table([TABLE_NAMES[n] for n in names], rows, left=5))
+        rows = _token_rows(res, lambda text, n: f"<code>{_e(token_repr(text))}</code> {n}")
+        P.append(_html_table(list(TABLE_NAMES.values()), rows, left=5))
     return P
 
 
