@@ -388,9 +388,12 @@ def cmd_annotate_batch(args: argparse.Namespace) -> int:
 
     quiet = args.json or not sys.stderr.isatty()
     lm = load_model(args.model, args.device, args.dtype, status=None if quiet else _status)
-    summary = batch.run_batch(lm, store, items, params, samples=args.samples,
-                              estimators=estimators,
-                              progress=None if quiet else batch.RichBatchProgress())
+    try:
+        summary = batch.run_batch(lm, store, items, params, samples=args.samples,
+                                  estimators=estimators,
+                                  progress=None if quiet else batch.RichBatchProgress())
+    finally:
+        store.close()  # callers in the same process (sample_db/build.py) reuse the file
     for job in summary.jobs:
         if job.trace_id is None:
             continue

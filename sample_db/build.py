@@ -92,6 +92,50 @@ def mi_stage(path: Path, lm) -> None:
         store.close()
 
 
+# The report's inputs, exactly the command of issue 5's "done when" (160 new tokens, as
+# the traces above, to keep the file small; the other settings are the defaults:
+# T = 1 for several samples, seeds derived from --seed 0).
+BATCH_ARGS = ["annotate", "--prompts", "builtin:arith", "--samples", "4",
+              "--mi", "hsic,answer-gain", "--max-new-tokens", "160", "--seed", "0"]
+FORK_MAX_NEW_TOKENS = 48
+
+
+def batch_stage(path: Path) -> None:
+    """`forkview annotate --prompts builtin:arith --samples 4 --mi hsic,answer-gain`."""
+    from forkview.cli import main as forkview_main
+
+    code = forkview_main([*BATCH_ARGS, "--db", str(path)])
+    if code != 0:
+        raise SystemExit(f"batch annotation failed (exit {code})")
+
+
+def forks_stage(path: Path, lm) -> None:
+    """A small family to look at with `t` in the browser: on the first greedy trace, at
+    its highest-entropy position after the first few tokens, the two most likely other
+    tokens, a typed text, and 4 sampled continuations keeping the token (seeds 0..3)."""
+    from forkview import forks
+
+    store = Store.open(path)
+    try:
+        root = next(t for t in reversed(store.list_traces(roots_only=True))
+                    if t.params.temperature == 0 and t.source_id == "arith-000")
+        source = forks.load_source(store, root.id)
+        pos = max(range(4, len(source.steps)), key=lambda i: source.steps[i].entropy)
+        params = forks.branch_params(source, max_new_tokens=FORK_MAX_NEW_TOKENS)
+        plan = forks.plan_alternatives(source, pos, 2, params)
+        plan.append(forks.PlannedBranch(forks.encode_text(lm, " Let's count step by step."),
+                                        params, "fork", "typed"))
+        made = forks.grow(lm, store, source, pos, plan)
+        made += forks.grow(lm, store, source, pos, forks.plan_samples(
+            source, pos, 4, True, forks.branch_params(
+                source, max_new_tokens=FORK_MAX_NEW_TOKENS, seed=0, sampling=True)))
+        for r in made:
+            print(f"branch {r.trace_id} of trace {root.id} at {pos}: "
+                  f"{len(r.output.steps)} tokens, answer {r.answer!r}", flush=True)
+    finally:
+        store.close()
+
+
 def update(path: Path, items: list) -> None:
     """Bring an existing file up to date without regenerating its traces: upgrade the
     schema, attach the worked solutions to the prompts and re-extract the answers."""
@@ -124,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the traces; upgrade the schema and redo answers and solutions")
     ap.add_argument("--mi", action="store_true",
                     help="keep the traces; (re)compute the MI stage only")
+    ap.add_argument("--batch", action="store_true",
+                    help="keep the traces; add (or finish) the batch stage and the forks")
     args = ap.parse_args(argv)
     if args.update:
         update(args.out, arith_problems())
@@ -141,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded {lm.name} in {lm.load_seconds:.1f} s", flush=True)
 
     out: Path = args.out
+    if args.batch:
+        batch_stage(out)
+        forks_stage(out, lm)
+        finalize(out)
+        print(f"batch stage done on {out} in {time.perf_counter() - t0:.0f} s")
+        return 0
     if args.mi:
         mi_stage(out, lm)
         finalize(out)
@@ -170,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         store.close()
     mi_stage(out, lm)
+    batch_stage(out)
+    forks_stage(out, lm)
     finalize(out)
     size = out.stat().st_size
     print(f"wrote {out}: {count} traces, {n_tokens} tokens, {size / 1e6:.2f} MB, "
