@@ -282,8 +282,11 @@ def _status(msg: str) -> None:
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:
     # SIGTERM / SIGHUP (the SSH session or window closing) take the same path as
-    # Ctrl-C, so the trace is closed as `stopped` with every token so far.
-    raise KeyboardInterrupt
+    # Ctrl-C, so the trace is closed as `stopped` with every token so far. During a
+    # database write the interrupt waits for the write to end (store.db.write_section).
+    from store.db import interrupt_or_defer
+
+    interrupt_or_defer()
 
 
 # ---------------------------------------------------------------------- commands
@@ -850,7 +853,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, _raise_interrupt)
     from forkview.forks import ForkError

@@ -11,10 +11,12 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -832,6 +834,42 @@ def _install_pragmas(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# forkview.cli turns Ctrl-C, SIGTERM and SIGHUP into KeyboardInterrupt. One raised in the
+# middle of a write transaction can leave that connection holding SQLite's write lock,
+# and the writer's own "stopped" update would then wait out the busy timeout. So the
+# writes of a generation run inside `write_section()`, and an interrupt that arrives
+# during one is held until it ends (a few milliseconds) and raised there.
+_write_depth = 0
+_interrupt_pending = False
+
+
+def interrupt_or_defer() -> None:
+    """For signal handlers: raise KeyboardInterrupt now, or at the end of the write
+    section the main thread is in."""
+    global _interrupt_pending
+    if _write_depth > 0:
+        _interrupt_pending = True
+        return
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def write_section() -> Iterator[None]:
+    global _write_depth, _interrupt_pending
+    main = threading.current_thread() is threading.main_thread()
+    if not main:  # signal handlers only ever run in the main thread
+        yield
+        return
+    _write_depth += 1
+    try:
+        yield
+    finally:
+        _write_depth -= 1
+    if _write_depth == 0 and _interrupt_pending:
+        _interrupt_pending = False
+        raise KeyboardInterrupt
+
+
 def token_row(trace_id: int, step: TokenStep) -> tuple[Any, ...]:
     top = json.dumps(
         [{"token_id": a.token_id, "text": a.text, "prob": a.prob} for a in step.top],
@@ -882,7 +920,7 @@ class TraceWriter:
 
     def flush(self) -> None:
         self.t_last_flush = time.perf_counter()
-        with self.store.engine.begin() as conn:
+        with write_section(), self.store.engine.begin() as conn:
             if self.pending:
                 conn.exec_driver_sql(
                     "INSERT OR REPLACE INTO tokens (trace_id, position, token_id, text, logprob, "
@@ -902,7 +940,7 @@ class TraceWriter:
         self.flush()
         elapsed = time.perf_counter() - self.t_start
         tps = self.n_tokens / elapsed if elapsed > 0 and self.n_tokens else None
-        with self.store.engine.begin() as conn:
+        with write_section(), self.store.engine.begin() as conn:
             conn.exec_driver_sql(
                 "UPDATE traces SET status = ?, stop_reason = ?, error = ?, finished_at = ?, "
                 "tokens_per_second = ? WHERE id = ?",
