@@ -25,7 +25,7 @@ from forkview.ui.scale import VIEWS, entropy_style
 from forkview.ui.status import Legend
 from forkview.ui.token_panel import short_repr
 from forkview.ui.trace_view import TraceView
-from forkview.ui.tree import forced_label
+from forkview.ui.tree import FullTokens, forced_label
 from models.types import TokenStep
 from store import Store, StoreError, TraceInfo
 
@@ -90,7 +90,7 @@ class CompareScreen(Screen[None]):
         self.mi = (MIState(), MIState())
         self.common = 0
         self.view_mode = VIEWS[0]
-        self._parents: dict[int, list[TokenStep]] = {}
+        self._parent_steps = FullTokens(store)
 
     def compose(self) -> ComposeResult:
         yield Label("compare", id="compare-title")
@@ -133,14 +133,6 @@ class CompareScreen(Screen[None]):
         self.views[0].focus()
 
     # ---------------------------------------------------------------- text
-    def _parent_steps(self, trace_id: int) -> list[TokenStep]:
-        if trace_id not in self._parents:
-            try:
-                self._parents[trace_id] = self.store.full_tokens(trace_id)
-            except StoreError:
-                self._parents[trace_id] = []
-        return self._parents[trace_id]
-
     def _heading(self, info: TraceInfo) -> str:
         if info.is_root:
             return f"#{info.id} root"

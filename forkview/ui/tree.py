@@ -50,6 +50,26 @@ class RolloutGroup:
 NodeData = int | RolloutGroup  # a trace id, or a group of rollouts
 
 
+class FullTokens:
+    """Traces' whole responses, read once per screen: a branch's label needs its
+    parent's token at the fork, and many branches share a parent."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.cache: dict[int, list[TokenStep]] = {}
+
+    def __call__(self, trace_id: int) -> list[TokenStep]:
+        if trace_id not in self.cache:
+            try:
+                self.cache[trace_id] = self.store.full_tokens(trace_id)
+            except StoreError:  # deleted meanwhile: no label text
+                self.cache[trace_id] = []
+        return self.cache[trace_id]
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+
 def forced_label(store: Store, trace_id: int, parent_id: int | None, position: int | None,
                  forced: list[int] | None,
                  parent_steps: Callable[[int], list[TokenStep]]) -> str:
@@ -155,7 +175,7 @@ class TreeScreen(Screen[int | None]):
         self.marked: int | None = None  # first node chosen for compare
         self.reopen: int | None = None  # the explorer's trace was deleted: show this one
         self.expanded_groups: set[tuple[int, int]] = set()
-        self._parent_cache: dict[int, list[TokenStep]] = {}  # full tokens of parents (labels)
+        self._parent_steps = FullTokens(store)  # full tokens of parents (labels)
         self.trace_nodes: dict[int, TreeNode[NodeData]] = {}
 
     def compose(self) -> ComposeResult:
@@ -189,7 +209,7 @@ class TreeScreen(Screen[int | None]):
             return
         self.root_id = family["trace_id"]
         self._open_group_of(family, cursor)
-        self._parent_cache.clear()
+        self._parent_steps.clear()
         self.trace_nodes.clear()
         tree.clear()
         tree.root.set_label(self._label(family, root=True))
@@ -277,14 +297,6 @@ class TreeScreen(Screen[int | None]):
             self.expanded_groups.discard(event.node.data.key)
 
     # ---------------------------------------------------------------- labels
-    def _parent_steps(self, trace_id: int) -> list[TokenStep]:
-        if trace_id not in self._parent_cache:
-            try:
-                self._parent_cache[trace_id] = self.store.full_tokens(trace_id)
-            except StoreError:
-                self._parent_cache[trace_id] = []
-        return self._parent_cache[trace_id]
-
     def forced_text(self, node: dict[str, Any]) -> str:
         return forced_label(self.store, node["trace_id"], node["parent_trace_id"],
                             node["fork_position"], node["forced_token_ids"],
