@@ -68,6 +68,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
+def _trace_model_options(p: argparse.ArgumentParser, help_: str) -> None:
+    """--model / --device / --dtype for commands that work on saved traces: the model
+    defaults to the one that made each trace (args.trace_model is None then)."""
+    p.add_argument("--model", dest="trace_model", default=None, metavar="SPEC", help=help_)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
 def _db_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="PATH", default=None,
                    help="SQLite database (default: env FORKVIEW_DB or the user data directory)")
@@ -158,11 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all, stratified or P1,P2,... (default: the estimator's own)")
     m.add_argument("--samples", type=_positive_int, default=None, metavar="S",
                    help="continuations per alternative (rollout)")
-    m.add_argument("--model", dest="mi_model", default=None, metavar="SPEC",
-                   help="model to use (default: the model that made each trace)")
-    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    m.add_argument("--dtype", default="auto",
-                   choices=["auto", "float32", "bfloat16", "float16"])
+    _trace_model_options(m, "model to use (default: the model that made each trace)")
 
     f = sub.add_parser("fork", help="grow branches from a position of a saved trace")
     _db_option(f)
@@ -190,11 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true",
                    help="one JSON object per branch and line, as 'annotate --json' plus "
                    "parent_trace_id, fork_position and forced_token_ids")
-    f.add_argument("--model", dest="fork_model", default=None, metavar="SPEC",
-                   help="default: the model that made the trace (another model must have "
-                   "the same tokenizer)")
-    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    f.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _trace_model_options(f, "default: the model that made the trace (another model must "
+                         "have the same tokenizer)")
 
     tr = sub.add_parser("tree", help="show a trace's family: root, branches, rollouts")
     _db_option(tr)
@@ -209,11 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _db_option(rp)
     rp.add_argument("--trace", type=int, required=True, metavar="ID")
     rp.add_argument("--json", action="store_true")
-    rp.add_argument("--model", dest="replay_model", default=None, metavar="SPEC",
-                    help="default: the model that made the trace")
-    rp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    rp.add_argument("--dtype", default="auto",
-                    choices=["auto", "float32", "bfloat16", "float16"])
+    _trace_model_options(rp, "default: the model that made the trace")
 
     t = sub.add_parser("traces", help="list saved traces, newest first")
     _db_option(t)
@@ -456,7 +453,7 @@ def cmd_mi(args: argparse.Namespace) -> int:
     store = Store.open(args.db)
     by_spec: dict[str, list[Any]] = {}
     for info in infos:
-        by_spec.setdefault(args.mi_model or info.model_spec, []).append(info)
+        by_spec.setdefault(args.trace_model or info.model_spec, []).append(info)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     with Progress("[progress.description]{task.description}", BarColumn(),
@@ -583,8 +580,6 @@ def _branch_json(store: Any, trace_id: int, lm: Any) -> dict[str, Any]:
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from forkview import forks
     from store import Store
 
@@ -600,10 +595,9 @@ def cmd_fork(args: argparse.Namespace) -> int:
     from models.loading import load_model
 
     quiet = args.json or not sys.stderr.isatty()
-    lm = load_model(args.fork_model or source.info.model_spec, args.device, args.dtype,
+    lm = load_model(args.trace_model or source.info.model_spec, args.device, args.dtype,
                     status=None if quiet else _status)
     store = Store.open(args.db)
-    source = forks.load_source(store, args.trace)
     forks.check_tokenizer(store, source, lm)
     params = forks.branch_params(source, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                  temperature=args.temperature, sampling=args.sample is not None)
@@ -612,9 +606,6 @@ def cmd_fork(args: argparse.Namespace) -> int:
                                     repr(args.token))]
     elif args.top is not None:
         plan = forks.plan_alternatives(source, args.position, args.top, params)
-        if args.seed is not None:
-            plan = [forks.PlannedBranch(b.forced, replace(b.params, seed=args.seed + i),
-                                        b.origin, b.label) for i, b in enumerate(plan)]
     else:
         plan = forks.plan_samples(source, args.position, args.sample, args.keep_token, params)
     started: list[int] = []
@@ -708,7 +699,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from models.loading import load_model
 
     quiet = args.json or not sys.stderr.isatty()
-    lm = load_model(args.replay_model or info.model_spec, args.device, args.dtype,
+    lm = load_model(args.trace_model or info.model_spec, args.device, args.dtype,
                     status=None if quiet else _status)
     result = forks.replay(lm, store, args.trace)
     if args.json:
