@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from models.types import GenerationParams, TokenStep
@@ -78,8 +78,6 @@ class ReplayResult:
     first_mismatch: int | None  # position of the first differing token
     max_logprob_diff: float  # over the positions compared before any mismatch
     note: str = ""
-    stop_reason: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- reading and checks
@@ -153,7 +151,7 @@ def branch_params(source: ForkSource, *, max_new_tokens: int | None = None,
 def plan_alternatives(source: ForkSource, position: int, top: int,
                       params: GenerationParams) -> list[PlannedBranch]:
     """The top-`top` recorded alternatives at `position`, other than the token the trace
-    took, each as a branch."""
+    took, each as a branch (with a given seed S, branch i is seeded S + i)."""
     check_position(source, position)
     if top < 1:
         raise ForkError(f"--top must be at least 1, not {top}")
@@ -162,8 +160,15 @@ def plan_alternatives(source: ForkSource, position: int, top: int,
     if not alts:
         raise ForkError(f"no recorded alternatives at position {position} (the trace kept "
                         f"{len(step.top)} per token)")
-    return [PlannedBranch([a.token_id], params, "fork", f"{a.text!r} p={a.prob:.3f}")
-            for a in alts]
+    return [PlannedBranch([a.token_id], _nth_seed(params, i), "fork",
+                          f"{a.text!r} p={a.prob:.3f}")
+            for i, a in enumerate(alts)]
+
+
+def _nth_seed(params: GenerationParams, i: int) -> GenerationParams:
+    """Branch i of one request: seed S + i when a seed S is given (else each branch gets
+    a fresh one when it is grown)."""
+    return params if params.seed is None else replace(params, seed=params.seed + i)
 
 
 def plan_samples(source: ForkSource, position: int, n: int, keep_token: bool,
@@ -176,11 +181,10 @@ def plan_samples(source: ForkSource, position: int, n: int, keep_token: bool,
     check_position(source, position)
     if n < 1:
         raise ForkError(f"--sample must be at least 1, not {n}")
-    base = resolve_seed(params).seed if params.seed is None else params.seed
+    params = resolve_seed(params)  # fresh seeds still run S, S + 1, ... within a request
     forced = [source.steps[position].token_id] if keep_token else []
     label = "keep token" if keep_token else "resample token"
-    return [PlannedBranch(list(forced), replace(params, seed=int(base or 0) + i), "sample",
-                          f"{label} #{i + 1}")
+    return [PlannedBranch(list(forced), _nth_seed(params, i), "sample", f"{label} #{i + 1}")
             for i in range(n)]
 
 
@@ -206,14 +210,13 @@ def grow(
     from forkview.pipeline import model_row_id, record_answer
     from models.branch import BranchRequest, grow_branches
     from models.errors import ModelError
+    from models.generate import resolve_seed
 
     check_position(source, position)
     check_tokenizer(store, source, lm)
     if not plan:
         raise ForkError("nothing to grow")
     model_id = model_row_id(store, lm)
-    from models.generate import resolve_seed
-
     plan = [replace(b, params=resolve_seed(b.params)) for b in plan]
     ids = []
     for b in plan:
@@ -247,9 +250,8 @@ def grow(
             results.append(ForkResult(trace_id=tid, origin=b.origin, output=out, status=status))
     head = "".join(s.text for s in source.steps[:position])
     for r in results:
-        record_answer(store, r.trace_id, head + r.output.text, source.info.reference_answer)
-        info = store.trace(r.trace_id)
-        r.answer, r.correct = info.answer, info.correct
+        r.answer, r.correct = record_answer(store, r.trace_id, head + r.output.text,
+                                            source.info.reference_answer)
     return results
 
 

@@ -92,12 +92,14 @@ def annotate_prompt(
     return result
 
 
-def record_answer(store: Store, trace_id: int, text: str, reference: str | None) -> None:
+def record_answer(store: Store, trace_id: int, text: str,
+                  reference: str | None) -> tuple[str | None, bool | None]:
     """Store the trace's extracted final answer and, given a reference, whether it is
-    correct (math-verify equivalence; see models.answers)."""
+    correct (math-verify equivalence; see models.answers). Returns (answer, correct)."""
     from models.answers import extract_answer, is_correct
 
     got = extract_answer(text)
     correct = is_correct(text, reference) if (got is not None and reference) else None
-    store.set_answer(trace_id, got.value if got else None, got.method if got else None,
-                     correct)
+    answer = got.value if got else None
+    store.set_answer(trace_id, answer, got.method if got else None, correct)
+    return answer, correct

@@ -21,7 +21,6 @@ forwards can differ in the last float bits; a replay reports where tokens diverg
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -279,13 +278,3 @@ def grow_branches(
         del out
     return results
 
-
-def time_first_token(lm: LoadedModel, prompt_ids: Sequence[int], token_ids: Sequence[int],
-                     position: int, forced: Sequence[int],
-                     prefix_cache: PrefixCache | None = None) -> float:
-    """Seconds from request to the first branch token (benchmarks)."""
-    t0 = time.perf_counter()
-    grow_branches(lm, prompt_ids, token_ids, position,
-                  [BranchRequest(tuple(forced), GenerationParams(max_new_tokens=0))],
-                  prefix_cache=prefix_cache)
-    return time.perf_counter() - t0
