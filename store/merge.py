@@ -168,6 +168,24 @@ def _find(dst: Any, table: str, key: Sequence[str], row: dict[str, Any]) -> int 
     return None if found is None else int(found[0])
 
 
+def _merge_keyed(src: sqlite3.Connection, dst: Any, table: str, cols: list[str],
+                 key: tuple[str, ...], backfill: str, added: int) -> tuple[dict[int, int], int]:
+    """Rows of a table matched on their natural key: the old id -> the id in OUT, and
+    the count of rows added. A matched row missing `backfill` gets the input's value."""
+    id_map: dict[int, int] = {}
+    for row in _rows(src, table, cols):
+        old = row.pop("id")
+        found = _find(dst, table, key, row)
+        if found is None:
+            found = _insert(dst, table, row)
+            added += 1
+        elif row.get(backfill):
+            dst.execute(f"UPDATE {table} SET {backfill} = ? WHERE id = ? AND {backfill} IS NULL",
+                        (row[backfill], found))
+        id_map[old] = found
+    return id_map, added
+
+
 def _merge_one(src: sqlite3.Connection, dst: Any, s: MergeStats) -> None:
     # Columns both files have (the same set once the input is at the current schema).
     def common(table: str) -> list[str]:
@@ -175,28 +193,11 @@ def _merge_one(src: sqlite3.Connection, dst: Any, s: MergeStats) -> None:
         return [c for c in _columns(src, table) if c in have]
 
     # models and prompts: matched on their natural keys, added when missing.
-    model_map: dict[int, int] = {}
-    for row in _rows(src, "models", common("models")):
-        old = row.pop("id")
-        found = _find(dst, "models", MODEL_KEY, row)
-        if found is None:
-            found = _insert(dst, "models", row)
-            s.models_added += 1
-        elif row.get("tokenizer_hash"):
-            dst.execute("UPDATE models SET tokenizer_hash = ? WHERE id = ? AND "
-                        "tokenizer_hash IS NULL", (row["tokenizer_hash"], found))
-        model_map[old] = found
-    prompt_map: dict[int, int] = {}
-    for row in _rows(src, "prompts", common("prompts")):
-        old = row.pop("id")
-        found = _find(dst, "prompts", PROMPT_KEY, row)
-        if found is None:
-            found = _insert(dst, "prompts", row)
-            s.prompts_added += 1
-        elif row.get("reference_solution"):
-            dst.execute("UPDATE prompts SET reference_solution = ? WHERE id = ? AND "
-                        "reference_solution IS NULL", (row["reference_solution"], found))
-        prompt_map[old] = found
+    model_map, s.models_added = _merge_keyed(src, dst, "models", common("models"), MODEL_KEY,
+                                             "tokenizer_hash", s.models_added)
+    prompt_map, s.prompts_added = _merge_keyed(src, dst, "prompts", common("prompts"),
+                                               PROMPT_KEY, "reference_solution",
+                                               s.prompts_added)
 
     # traces: parents before children, matched on uid.
     trace_cols = common("traces")

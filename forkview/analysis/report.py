@@ -512,6 +512,30 @@ def _digits(name: str) -> int:
     return 2 if name in ("odds_ratio", "lift") else 3
 
 
+ENTROPY_HEADERS = ["model", "traces", "tokens", "mean", "median", "q0.8", "q0.9", "q0.99",
+                   "< 0.01 nats", "≥ 0.672", "E threshold", "|E|"]
+LAG_HEADERS = ["lag", "pairs", "precision", "95% CI", "Jaccard", "95% CI"]
+
+
+def _entropy_rows(report: Any, escape: Callable[[str], str]) -> list[list[str]]:
+    """One row per model of the entropy table (model names escaped for the format)."""
+    rows = []
+    for m in report.models:
+        q = m.entropy.get("quantiles", {})
+        thr = m.threshold if m.threshold is not None else m.thresholds_median
+        rows.append([escape(m.name), fmt(m.n_traces), fmt(m.n_tokens), fmt(m.entropy["mean"]),
+                     *(fmt(q.get(k)) for k in ("0.5", "0.8", "0.9", "0.99")),
+                     fmt(m.entropy["fraction_below"]), fmt(m.entropy["fraction_above_wang"]),
+                     fmt(thr), fmt(m.n_high)])
+    return rows
+
+
+def _lag_rows(res: Any) -> list[list[str]]:
+    return [[f"{row['lag']:+d}", fmt(row["pairs"]), fmt(row["precision"]),
+             _ci(row["precision_lo"], row["precision_hi"]), fmt(row["jaccard"]),
+             _ci(row["jaccard_lo"], row["jaccard_hi"])] for row in res.lags]
+
+
 def _token_rows(res: Any, cell: Callable[[str, int], str]) -> list[list[str]]:
     """The token tables side by side: row i holds the i-th most frequent token of each
     set (E, P, E∩P, P only, E only), blank where a set has fewer."""
@@ -589,16 +613,7 @@ def render_markdown(report: Report) -> str:
     for note in report.notes:
         L += ["", f"Note: {_md(note)}"]
     L += ["", "## Entropy", ""]
-    qs = ("0.5", "0.8", "0.9", "0.99")
-    rows = []
-    for m in report.models:
-        q = m.entropy.get("quantiles", {})
-        thr = m.threshold if m.threshold is not None else m.thresholds_median
-        rows.append([_md(m.name), fmt(m.n_traces), fmt(m.n_tokens), fmt(m.entropy["mean"]),
-                     *(fmt(q.get(k)) for k in qs), fmt(m.entropy["fraction_below"]),
-                     fmt(m.entropy["fraction_above_wang"]), fmt(thr), fmt(m.n_high)])
-    L += _md_table(["model", "traces", "tokens", "mean", "median", "q0.8", "q0.9", "q0.99",
-                    "< 0.01 nats", "≥ 0.672", "E threshold", "|E|"], rows)
+    L += _md_table(ENTROPY_HEADERS, _entropy_rows(report, _md))
     L += ["", "Entropies in nats (full vocabulary, T = 1). Quantiles: linear interpolation. "
           "\"< 0.01 nats\" and \"≥ 0.672\": fractions of tokens (Wang et al.: over half, "
           "and 20%). E threshold: the entropy at which E starts"
@@ -648,10 +663,7 @@ def _md_row(r: ReportRow) -> list[str]:
     L += _md_table(["statistic", "value", "95% CI", "p (shift null)"], rows)
     L += ["", SHARED_P]
     L += ["", "Lag profile (E at t, P at t + lag):", ""]
-    rows = [[f"{row['lag']:+d}", fmt(row["pairs"]), fmt(row["precision"]),
-             _ci(row["precision_lo"], row["precision_hi"]), fmt(row["jaccard"]),
-             _ci(row["jaccard_lo"], row["jaccard_hi"])] for row in res.lags]
-    L += _md_table(["lag", "pairs", "precision", "95% CI", "Jaccard", "95% CI"], rows)
+    L += _md_table(LAG_HEADERS, _lag_rows(res))
     if res.tokens:
         L += ["", "Most frequent tokens:", ""]
         rows = _token_rows(res, lambda text, n: f"{_md_code(token_repr(text))} {n}")
@@ -907,16 +919,7 @@ def render_html(report: Report) -> str:
     for note in report.notes:
         P.append(f'<p class="note">Note: {_e(note)}</p>')
     P.append("<h2>Entropy</h2>")
-    qs = ("0.5", "0.8", "0.9", "0.99")
-    rows = []
-    for m in report.models:
-        q = m.entropy.get("quantiles", {})
-        thr = m.threshold if m.threshold is not None else m.thresholds_median
-        rows.append([_e(m.name), fmt(m.n_traces), fmt(m.n_tokens), fmt(m.entropy["mean"]),
-                     *(fmt(q.get(k)) for k in qs), fmt(m.entropy["fraction_below"]),
-                     fmt(m.entropy["fraction_above_wang"]), fmt(thr), fmt(m.n_high)])
-    P.append(_html_table(["model", "traces", "tokens", "mean", "median", "q0.8", "q0.9",
-                          "q0.99", "< 0.01 nats", "≥ 0.672", "E threshold", "|E|"], rows))
+    P.append(_html_table(ENTROPY_HEADERS, _entropy_rows(report, _e)))
     P.append('<div class="plots">')
     for m in report.models:
         thr = m.threshold if m.threshold is not None else None
@@ -990,11 +993,8 @@ def _html_row(r: ReportRow) -> list[str]:
              + f"<figcaption>Per-trace Jaccard of E and P ({len(jac):,} traces)."
                "</figcaption></figure>")
     P.append("</div>")
-    rows = [[f"{row['lag']:+d}", fmt(row["pairs"]), fmt(row["precision"]),
-             _ci(row["precision_lo"], row["precision_hi"]), fmt(row["jaccard"]),
-             _ci(row["jaccard_lo"], row["jaccard_hi"])] for row in res.lags]
     P.append("<h3>Lag profile</h3>")
-    P.append(_html_table(["lag", "pairs", "precision", "95% CI", "Jaccard", "95% CI"], rows))
+    P.append(_html_table(LAG_HEADERS, _lag_rows(res)))
     if res.tokens:
         P.append("<h3>Most frequent tokens</h3>")
         rows = _token_rows(res, lambda text, n: f"<code>{_e(token_repr(text))}</code> {n}")
