@@ -872,7 +872,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"{PROG}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
-    return 0
+    finally:
+        if "store" in sys.modules:
+            from store import Store
+
+            Store.close_all()
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ import threading
 import time
 import urllib.parse
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
@@ -166,9 +167,15 @@ def _check_file(path: Path) -> int:
 class Store:
     """The results store. Open with `Store.open(path)`."""
 
+    # Every store opened in this process, so a command can close what it opened (see
+    # `close_all`): an engine left to the garbage collector closes its last WAL
+    # connection, and so checkpoints into the file, at an arbitrary later moment.
+    _open: ClassVar[weakref.WeakSet[Store]] = weakref.WeakSet()
+
     def __init__(self, path: Path, engine: Engine):
         self.path = path
         self.engine = engine
+        Store._open.add(self)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -274,6 +281,14 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        Store._open.discard(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Close every store still open in this process (the CLI calls it when a command
+        ends, so the file is settled before `main` returns)."""
+        for store in list(cls._open):
+            store.close()
 
     @property
     def schema_version(self) -> int:

@@ -49,3 +49,19 @@ def real_lm():
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "traces.db"
+
+
+def db_content(path: Path) -> list[str]:
+    """A database's content as SQL text, read without writing (SQLite mode=ro): what
+    "nothing changed" means. The file's bytes are no measure of that in WAL mode: a
+    checkpoint moves pages from the -wal file into the main file whenever the last
+    connection closes, changing its bytes (and change counter) but not its content."""
+    import sqlite3
+    import urllib.parse
+
+    uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+    con = sqlite3.connect(uri, uri=True)
+    try:
+        return list(con.iterdump())
+    finally:
+        con.close()

@@ -19,6 +19,7 @@ from models.errors import ModelError
 from models.generate import encode_prompt, stream_annotated
 from models.types import GenerationParams
 from store import Store, StoreError
+from tests.conftest import db_content
 from tests.test_cli import assert_one_line_error, run_cli
 
 GREEDY = GenerationParams(max_new_tokens=24)
@@ -349,7 +350,7 @@ def test_fork_bad_inputs_are_one_line_errors(tiny_model_dir, db_path, capsys):
     assert main(["annotate", "--prompt", "Hi", "--max-new-tokens", "6", "--model",
                  str(tiny_model_dir), "--db", str(db_path)]) == 0
     root = capsys.readouterr().out.strip()
-    before = db_path.read_bytes()
+    before = db_content(db_path)
     db = ["--db", str(db_path)]
     cases = [
         (["fork", *db, "--trace", root, "--position", "99", "--top", "1"], "out of range", 1),
@@ -364,7 +365,7 @@ def test_fork_bad_inputs_are_one_line_errors(tiny_model_dir, db_path, capsys):
         assert main(argv) == code, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
-    assert db_path.read_bytes() == before  # a refused request changes nothing
+    assert db_content(db_path) == before  # a refused request changes nothing
 
 
 def test_fork_of_a_running_trace_is_refused_in_a_subprocess(db_path):

@@ -380,13 +380,23 @@ def report_app(path: Path, settings: ReportSettings = FAST):
 
 
 async def settle(pilot) -> None:
-    for _ in range(50):
+    """Until the report is on screen and laid out. The summary table sizes its columns
+    from its rows on a later refresh than the one that adds them, so a snapshot taken
+    right after the rows arrive (as under load) can catch the header at its old widths:
+    wait for the rows, then for the screen to be idle twice."""
+    from textual.widgets import DataTable
+
+    for _ in range(100):
         await pilot.pause()
         await pilot.app.workers.wait_for_complete()
         screen = pilot.app.screen
         if getattr(screen, "report", None) is not None and not pilot.app.workers._workers:
-            break
-    await pilot.pause()
+            table = screen.query(DataTable).first()
+            if table.row_count:
+                break
+    for _ in range(2):
+        await pilot.wait_for_scheduled_animations()
+        await pilot.pause(0.05)
 
 
 async def test_report_screen_shows_the_report_numbers_and_refilters(report_db):

@@ -157,6 +157,9 @@ class ReportFailed(Message):
 
 
 # ---------------------------------------------------------------------- the screen
+SUMMARY_COLUMNS = ("model", "estimator", "n", "prec", "recall", "Jacc", "OR", "ρ", "AUROC")
+
+
 class ReportScreen(Screen[None]):
     """`ReportScreen(db_path)`: opens its own read-only store in the worker."""
 
@@ -200,9 +203,6 @@ class ReportScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one("#report-summary", DataTable)
-        table.add_columns("model", "estimator", "n", "prec", "recall", "Jacc", "OR", "ρ",
-                          "AUROC")
         self._load_options()
 
     def _open_store(self) -> Any:
@@ -278,7 +278,11 @@ class ReportScreen(Screen[None]):
             return  # a filter changed since: a newer report is on its way
         self.report = message.report
         table = self.query_one("#report-summary", DataTable)
-        table.clear()
+        # Columns rebuilt with the rows: DataTable keeps a header rendered at the widths
+        # of its first layout, so a table cleared and refilled could show the new rows
+        # under a header sized for the old ones.
+        table.clear(columns=True)
+        table.add_columns(*SUMMARY_COLUMNS)
         for i, r in enumerate(self.report.rows):
             s = r.result.stats
             # Narrow enough for 80 columns: names cut, the split folded into the estimator.
