@@ -19,12 +19,12 @@ position ids) to see only the cache up to its own prefix and itself, which is th
 same computation with fewer, larger matrix products. ``chunk=1`` runs one k per
 pass (also used for attention implementations that take no 4D mask).
 
-Stride: with ``stride=s`` L is computed at k = 0, s, 2s, ... and n only, and a value is
-reported at the last token of each block: values[t] = L(t + 1) - L(t + 1 - s') for
-t = s-1, 2s-1, ..., n-1, where s' is the block's length (s, or less for the last
-block): the gain of the block of tokens ending at t. Other positions are None; the
-values still sum to L(n) - L(0). ``positions`` instead computes g_t exactly at the
-listed t (stride 1 only).
+Stride: with ``stride=s`` L is computed only at the ends of blocks of (at least, see
+below) s tokens, and a value is reported at the last token t of each block:
+values[t] = L(t + 1) - L(start of the block), the gain of the block of tokens ending
+at t. Other positions are None; the values still sum to L(n) - L(0). ``positions``
+instead computes only the values of the blocks that end at the listed t (stride 1
+only; with ``boundary="token"`` that is g_t exactly at the listed t).
 
 Tokenisation of cue + answer (``tokenisation``, recorded in ``params``):
 - "auto" (default): tokenise cue + answer as one text, as the model would see it, and
@@ -36,10 +36,26 @@ Tokenisation of cue + answer (``tokenisation``, recorded in ``params``):
   but the pieces may be ones the model never sees in text (":" + " " + "Paris").
 Either way the answer span is exactly ``answer_token_ids``.
 
-Reading the values: the cue follows x_<k wherever k falls, even inside a word or a
-number ("... is 4" + cue scores "42" low, so the "4" gets a negative gain and the "2"
-a large one). A trailing EOS token is scored like any other; callers that store it
-may want to leave it out.
+Word boundaries (``boundary``, recorded in ``params``): the cue follows x_<k, so a cut
+inside a word or a number glues the cue onto half of it ("... is 4" + cue scores "42"
+low: the "4" would get a negative gain and the "2" a large one).
+- "word" (default): the cue goes only at cut points k between words. The cut between
+  tokens k-1 and k is one unless the text of token k-1 ends with a digit and the text
+  after the cut starts with one, or both are letters (str.isalpha). So "4"|"2" and
+  "Th"|"e" are inside a word, while a token starting with whitespace or punctuation
+  (" 4", " answer", ".", "\\n") starts a new one, as does a letter after a digit or a
+  digit after a letter. Token texts come from incremental decoding
+  (models.generate.Detokenizer), so a character split across tokens is never cut: a
+  token without text of its own yet (leading bytes of a character, a special token)
+  is never followed by a cut. 0 and n are always cut points. The blocks of ``stride``
+  end at cut points, each at the first cut at least ``stride`` tokens after the
+  previous one. With stride 1: a word or number of several tokens gets
+  L(end) - L(start) at its last token and None at the others; the values still sum
+  to L(n) - L(0), and only cut points are scored (fewer passes).
+- "token": every k is a cut point: g_t at every token, exactly as before.
+Only words and numbers are kept whole: "3.14" is cut at the ".", "don't" at the "'".
+A trailing EOS token is scored like any other (a block of its own); callers that
+store it may want to leave it out.
 """
 
 from __future__ import annotations
@@ -52,12 +68,13 @@ from typing import Any
 import torch
 
 from models.errors import ModelError
-from models.generate import cache_kwarg
+from models.generate import Detokenizer, cache_kwarg
 from models.loading import LoadedModel
 from models.rollout import cache_from_output, crop_cache
 
 DEFAULT_CUE = "\nFinal answer: "
 TOKENISATIONS = ("auto", "separate")
+BOUNDARIES = ("word", "token")
 
 
 @dataclass
@@ -99,15 +116,65 @@ def tokenise_cue_answer(
     return enc(cue), enc(answer), "separate"
 
 
+def _kind(ch: str) -> str | None:
+    if ch.isdigit():
+        return "digit"
+    if ch.isalpha():
+        return "letter"
+    return None
+
+
+def cut_points(pieces: Sequence[str], boundary: str = "word") -> list[int]:
+    """The prefix lengths k (0..n, ascending) after which the cue may be inserted, for
+    a trace whose tokens decode to ``pieces`` (module docstring, "Word boundaries")."""
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}, "
+                         f"not {boundary!r}")
+    n = len(pieces)
+    if boundary == "token" or n == 0:
+        return list(range(n + 1))
+    # first[k]: the kind of the first character of the text from token k on.
+    first: list[str | None] = [None] * (n + 1)
+    for k in range(n - 1, -1, -1):
+        first[k] = _kind(pieces[k][0]) if pieces[k] else first[k + 1]
+    cuts = [0]
+    for k in range(1, n):
+        left = pieces[k - 1]
+        if not left:
+            continue  # token k-1 has no text of its own yet: a later token carries it
+        kind = _kind(left[-1])
+        if kind is None or kind != first[k]:
+            cuts.append(k)
+    cuts.append(n)
+    return cuts
+
+
+def token_texts(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
+    """The text of each token, decoded incrementally: the pieces concatenate to the
+    decoded trace, a character split across tokens is carried by its last token."""
+    detok = Detokenizer(tokenizer)
+    for i in token_ids:
+        detok.push(int(i))
+    detok.flush()
+    return detok.emitted
+
+
 def _plan(
-    n: int, stride: int, positions: Sequence[int] | None
+    cuts: list[int], stride: int, positions: Sequence[int] | None
 ) -> tuple[list[int], list[tuple[int, int, int]]]:
-    """The prefix lengths k to score, and (t, k_hi, k_lo) per reported value."""
+    """The prefix lengths k to score, and (t, k_hi, k_lo) per reported value: blocks
+    end at cut points (the last is n), each at least `stride` tokens long but the
+    last; with `positions`, only the blocks that end at a listed t."""
+    grid = [0]
+    for k in cuts[1:]:
+        if k - grid[-1] >= stride:
+            grid.append(k)
+    if grid[-1] != cuts[-1]:
+        grid.append(cuts[-1])
+    pairs = [(hi - 1, hi, lo) for lo, hi in itertools.pairwise(grid)]
     if positions is not None:
-        pairs = [(t, t + 1, t) for t in sorted(set(positions))]
-    else:
-        grid = sorted({*range(0, n + 1, stride), n})
-        pairs = [(hi - 1, hi, lo) for lo, hi in itertools.pairwise(grid)]
+        wanted = set(positions)
+        pairs = [pair for pair in pairs if pair[0] in wanted]
     ks = sorted({k for _, hi, lo in pairs for k in (hi, lo)} or {0})
     return ks, pairs
 
@@ -192,13 +259,14 @@ def answer_gain(
     stride: int = 1,
     positions: Sequence[int] | None = None,
     tokenisation: str = "auto",
+    boundary: str = "word",
     chunk: int = 16,
 ) -> AnswerGainResult:
     """g_t and L(k) for the trace ``token_ids`` after ``prompt_ids`` (module docstring).
 
     Raises ValueError for an empty answer or prompt, a stride below 1, positions out of
-    range or given together with a stride, and ModelError when prompt + trace + cue +
-    answer does not fit the model's context.
+    range or given together with a stride, an unknown boundary, and ModelError when
+    prompt + trace + cue + answer does not fit the model's context.
     """
     answer = (answer or "").strip()
     if not answer:
@@ -207,6 +275,9 @@ def answer_gain(
         raise ValueError("the prompt is empty")
     if stride < 1:
         raise ValueError(f"stride must be at least 1, not {stride}")
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}, "
+                         f"not {boundary!r}")
     n = len(token_ids)
     if positions is not None:
         if stride != 1:
@@ -218,7 +289,8 @@ def answer_gain(
     cue_ids, answer_ids, how = tokenise_cue_answer(lm.tokenizer, cue, answer, tokenisation)
     if not answer_ids:
         raise ValueError(f"the answer {answer!r} has no tokens")
-    ks, pairs = _plan(n, stride, positions)
+    pieces = token_texts(lm.tokenizer, token_ids) if boundary == "word" else [""] * n
+    ks, pairs = _plan(cut_points(pieces, boundary), stride, positions)
     ids = [int(i) for i in prompt_ids] + [int(i) for i in token_ids]
     p = len(prompt_ids)
     tail = cue_ids + answer_ids
@@ -234,7 +306,14 @@ def answer_gain(
     values: list[float | None] = [None] * n
     for t, hi, lo in pairs:
         values[t] = logp[hi] - logp[lo]  # type: ignore[operator]
-    if positions is not None:
+    if boundary == "word":
+        where = ("at the listed positions that end a word or number" if positions is not None
+                 else "at the last token t of each word or number" if stride == 1
+                 else f"at the last token t of each block of at least {stride} tokens "
+                      f"ending between words (the last block may be shorter)")
+        value_at = (f"block gain L(t+1) - L(start of block) {where}; the cue only goes "
+                    "between words, None at the other tokens")
+    elif positions is not None:
         value_at = "g_t = L(t+1) - L(t) at the listed positions"
     elif stride == 1:
         value_at = "g_t = L(t+1) - L(t) at every position"
@@ -245,7 +324,7 @@ def answer_gain(
         "cue": cue, "answer": answer, "cue_token_ids": cue_ids,
         "answer_token_ids": answer_ids, "tokenisation": how,
         "tokenisation_asked": tokenisation, "stride": stride,
-        "positions": positions, "value_at": value_at,
+        "boundary": boundary, "positions": positions, "value_at": value_at,
         "logp": "natural log, summed over the answer tokens, teacher-forced",
     }
     # chunk only changes how the same numbers are computed, so it is not a parameter

@@ -5,17 +5,43 @@ alternative w with p(w | x_<t) > min_prob (T = 1, full vocabulary, the distribut
 token t was drawn from) plus the emitted token x_t is forced, S continuations are
 sampled after each at temperature T (default 1) until EOS or ``max_new_tokens``, and
 each continuation's final answer is extracted. Answers are grouped into equivalence
-classes (greedily, against each class's first member; "no answer" is a class of its
-own). With o_{t,w} the class histogram through w and p~(w) = p(w) / sum of the kept p:
+classes (greedily, against each class's first member). With o_{t,w} the class
+histogram through w and p~(w) = p(w) / sum of the kept p:
 
     I_t = H(sum_w p~(w) o_{t,w}) - sum_w p~(w) H(o_{t,w})      (nats)
 
-a generalised Jensen-Shannon divergence. Plug-in entropies are biased for small S, so
-the Miller-Madow correction H_MM = H + (K - 1) / (2N) is applied by default, with K
-the number of non-empty classes of a histogram and N its number of samples: S for
-o_{t,w}; for the mixture N = all samples of the position (S x number of
-alternatives), since the mixture is estimated from all of them (its weights p~ are
-known exactly, not estimated). Both values are kept.
+a generalised Jensen-Shannon divergence, bounded by H(p~) (``choice_entropy``).
+
+Miller-Madow. Plug-in entropies are biased low for small S, so the correction
+H_MM = H + (K - 1) / (2N) is applied by default, K the number of non-empty classes of
+a histogram and N its sample size. A per-alternative histogram o_{t,w} has N = S (its
+own counts). The mixture o_t is not a histogram of S * M draws but a p~-weighted mean
+of M histograms of S draws each: its class frequencies have variance
+sum_w p~(w)^2 p(1 - p) / S, so its first-order bias is that of a plain histogram of
+Kish's effective size (science.md §6)
+
+    N_eff = 1 / sum_w (p~(w)^2 / n_w) = S / sum_w p~(w)^2     (every n_w = S),
+
+between S (one alternative dominates) and S * M (equal weights, where it equals the
+total count). ``mixture_n="total"`` restores the first version's N = S * M (wrong for
+unequal weights). Both the plug-in and the corrected value are kept.
+
+No choice. When only the emitted token passes ``min_prob`` (``n_choices`` = 1),
+I_t = 0 by construction, not by measurement: the result says so (``no_choice``) and the
+value is exactly 0.0, so that such positions can be left out of comparisons with
+entropy. ``value_normalised`` = I_t / H(p~) (None when H(p~) = 0).
+
+No answer. A continuation whose answer cannot be extracted gets ``answer = None`` and
+falls into an explicit class of its own, "no answer" (``NO_ANSWER``, the
+representative None in ``classes``; ``no_answer_class`` is its index): it is an
+outcome like any other in every histogram, never dropped. A continuation cut off by
+``max_new_tokens`` or by the model's context (``stop_reason`` "length" / "context",
+``cut_off``) has not finished its response, so the last number it happens to have
+written is not its answer. ``cut_off_answers`` decides what such a row keeps:
+"explicit" (default) only an answer stated explicitly (extractor methods
+``EXPLICIT_METHODS``: \\boxed{}, "final answer" / "####"; an extractor returning a bare
+string states nothing), "none" never an answer, "any" whatever ``extract`` finds (the
+first version's behaviour). A dropped answer is kept as ``dropped_answer``.
 
 Choices beyond science.md (recorded in ``params``):
 - The answer of a continuation is extracted from the whole response it completes
@@ -60,6 +86,10 @@ Equivalence = Callable[[str, str], bool]
 
 ANSWER_SCOPES = ("response", "continuation")
 NO_ANSWER = None  # label of the class of continuations without an extractable answer
+MIXTURE_N = ("kish", "total")  # sample size of the mixture's Miller-Madow term
+CUT_OFF_ANSWERS = ("explicit", "none", "any")  # what a cut-off continuation may answer
+EXPLICIT_METHODS = ("boxed", "final_answer")  # extractor methods that state an answer
+CUT_OFF_REASONS = ("length", "context")  # stop reasons of an unfinished response
 
 
 class RolloutCancelled(Exception):
@@ -134,16 +164,37 @@ def miller_madow_entropy(counts: Sequence[float], n: float | None = None) -> flo
     return plugin_entropy(counts) + ((k - 1) / (2 * n) if n > 0 and k > 0 else 0.0)
 
 
+def effective_sample_size(weights: Sequence[float], sizes: Sequence[float]) -> float:
+    """Kish's effective sample size of the p~-weighted mixture of histograms of
+    ``sizes`` samples each: 1 / sum_w (p~_w^2 / n_w), i.e. S / sum_w p~_w^2 when every
+    n_w = S (science.md §6). ``weights`` are renormalised to sum to 1."""
+    if len(weights) != len(sizes) or not weights:
+        raise ValueError("weights and sizes must be non-empty and of the same length")
+    total_w = float(sum(weights))
+    if total_w <= 0:
+        raise ValueError("the weights must sum to a positive number")
+    if any(n <= 0 for n in sizes):
+        raise ValueError("every histogram needs at least one sample")
+    return 1.0 / sum((w / total_w) ** 2 / float(n) for w, n in zip(weights, sizes, strict=True))
+
+
 def mutual_information(
-    counts: Sequence[Sequence[float]], weights: Sequence[float], *, miller_madow: bool = True
+    counts: Sequence[Sequence[float]], weights: Sequence[float], *, miller_madow: bool = True,
+    mixture_n: str = "kish",
 ) -> float:
     """I = H(sum_w p~_w o_w) - sum_w p~_w H(o_w) from per-alternative class counts.
 
     ``weights`` are renormalised to sum to 1. With ``miller_madow`` each histogram's
-    entropy gets (K - 1) / (2N); for the mixture N is the total number of samples.
+    entropy gets (K - 1) / (2N), K its non-empty classes: N = the alternative's own
+    count (S) for o_w; for the mixture N = N_eff = 1 / sum_w (p~_w^2 / n_w) = S / sum_w
+    p~_w^2 (``mixture_n="kish"``, science.md §6; see ``effective_sample_size``), or the
+    total number of samples (``"total"``, the first version; equal to N_eff only for
+    equal weights).
     """
     if len(counts) != len(weights) or not counts:
         raise ValueError("counts and weights must be non-empty and of the same length")
+    if mixture_n not in MIXTURE_N:
+        raise ValueError(f"mixture_n must be one of {', '.join(MIXTURE_N)}, not {mixture_n!r}")
     total_w = float(sum(weights))
     if total_w <= 0:
         raise ValueError("the weights must sum to a positive number")
@@ -159,12 +210,13 @@ def mutual_information(
     h_mix = plugin_entropy(mixture)
     h_cond = sum(wi * plugin_entropy(c) for wi, c in zip(w, counts, strict=True))
     if miller_madow:
-        n_total = sum(float(sum(c)) for c in counts)
+        sizes = [float(sum(c)) for c in counts]
+        n_mix = effective_sample_size(w, sizes) if mixture_n == "kish" else sum(sizes)
         k_mix = sum(1 for p in mixture if p > 0)
-        h_mix += (k_mix - 1) / (2 * n_total)
+        h_mix += (k_mix - 1) / (2 * n_mix)
         h_cond += sum(
-            wi * (sum(1 for x in c if x > 0) - 1) / (2 * float(sum(c)))
-            for wi, c in zip(w, counts, strict=True)
+            wi * (sum(1 for x in c if x > 0) - 1) / (2 * n)
+            for wi, c, n in zip(w, counts, sizes, strict=True)
         )
     return h_mix - h_cond
 
@@ -174,7 +226,10 @@ def group_answers(
 ) -> tuple[list[int], list[str | None]]:
     """Greedy equivalence classes: each answer joins the first class whose first member
     it is equivalent to (``equivalent(answer, representative)``), else opens a new one.
-    None ("no answer") is a class of its own. Returns (class per answer, representatives).
+    None (``NO_ANSWER``) is an explicit outcome class of its own, "no answer": every
+    None joins it, it never matches an answer, and ``equivalent`` is never asked about
+    it. Returns (class per answer, representatives); the no-answer class's
+    representative is None.
     """
     reps: list[str | None] = []
     labels: list[int] = []
@@ -208,13 +263,16 @@ class Continuation:
 
     token_ids: list[int]  # w, then the sampled tokens (ending with EOS if it stopped there)
     text: str  # decoded token_ids (special tokens skipped)
-    answer: str | None  # extracted final answer; None: none found
+    answer: str | None  # extracted final answer; None: "no answer" (none found, or dropped)
     answer_method: str | None  # which extractor found it
     answer_class: int  # index into RolloutResult.classes
     stop_reason: str  # eos | length | context
     # Annotated like a generated trace, positions t, t+1, ... (w's step is the fork's
     # distribution); None when annotate=False.
     steps: list[TokenStep] | None = None
+    cut_off: bool = False  # stopped by max_new_tokens or the context, not by EOS
+    # What the extractor found in a cut-off row that ``cut_off_answers`` did not accept.
+    dropped_answer: str | None = None
 
 
 @dataclass
@@ -226,6 +284,7 @@ class RolloutAlternative:
     emitted: bool  # w is the trace's own token x_t
     continuations: list[Continuation] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)  # histogram over RolloutResult.classes
+    n_cut_off: int = 0  # continuations cut off (stop_reason length / context)
 
 
 @dataclass
@@ -241,6 +300,39 @@ class RolloutResult:
     params: dict[str, Any]
     generated_tokens: int  # sampled tokens over all rows (forced tokens not counted)
     seconds: float
+    # Added in the second version (module doc); defaults keep old constructors working.
+    n_choices: int = 0  # kept alternatives with p~ > 0 (the emitted token included)
+    no_choice: bool = False  # n_choices < 2: I_t = 0 by construction, not a measurement
+    choice_entropy: float = 0.0  # H(p~) over the kept alternatives, nats (I_t <= it)
+    value_normalised: float | None = None  # value / choice_entropy; None when that is 0
+    mixture_n_eff: float = 0.0  # sample size of the mixture's Miller-Madow term
+    n_no_answer: int = 0  # continuations in the "no answer" class
+    n_cut_off: int = 0  # continuations cut off (length / context)
+    no_answer_class: int | None = None  # index of the "no answer" class in classes
+
+    def details(self) -> dict[str, Any]:
+        """The JSON-able per-position record the rollout estimator stores."""
+        return {
+            "entropy": self.entropy,
+            "value_plugin": self.value_plugin,
+            "value_miller_madow": self.value_miller_madow,
+            "n_choices": self.n_choices,
+            "no_choice": self.no_choice,
+            "choice_entropy": self.choice_entropy,
+            "value_normalised": self.value_normalised,
+            "mixture_n_eff": self.mixture_n_eff,
+            "n_no_answer": self.n_no_answer,
+            "n_cut_off": self.n_cut_off,
+            "no_answer_class": self.no_answer_class,
+            "classes": self.classes,
+            "mixture": self.mixture,
+            "alternatives": [
+                {"token_id": a.token_id, "text": a.text, "prob": a.prob,
+                 "weight": a.weight, "emitted": a.emitted, "counts": a.counts,
+                 "n_cut_off": a.n_cut_off}
+                for a in self.alternatives
+            ],
+        }
 
 
 # ---------------------------------------------------------------- sampling
@@ -337,7 +429,19 @@ def _as_answer(found: ExtractedAnswer | str | None) -> tuple[str | None, str | N
         return None, None
     if isinstance(found, str):
         return (found.strip() or None), None
-    return found.value, found.method
+    value = found.value.strip() if found.value else ""
+    return (value, found.method) if value else (None, None)
+
+
+def _answer_of(
+    extract: AnswerExtractor, text: str, cut_off: bool, policy: str
+) -> tuple[str | None, str | None, str | None]:
+    """(answer, method, dropped answer) of one continuation under ``cut_off_answers``."""
+    answer, method = _as_answer(extract(text))
+    if answer is not None and cut_off and (
+            policy == "none" or (policy == "explicit" and method not in EXPLICIT_METHODS)):
+        return None, None, answer
+    return answer, method, None
 
 
 def _steps(
@@ -374,7 +478,7 @@ def _steps(
 def _validate(
     prompt_ids: Sequence[int], token_ids: Sequence[int], positions: Iterable[int], *,
     samples: int, min_prob: float, max_new_tokens: int, temperature: float,
-    answer_scope: str,
+    answer_scope: str, mixture_n: str = "kish", cut_off_answers: str = "explicit",
 ) -> None:
     if not prompt_ids:
         raise ValueError("the prompt is empty")
@@ -393,6 +497,11 @@ def _validate(
     if answer_scope not in ANSWER_SCOPES:
         raise ValueError(f"answer_scope must be one of {', '.join(ANSWER_SCOPES)}, "
                          f"not {answer_scope!r}")
+    if mixture_n not in MIXTURE_N:
+        raise ValueError(f"mixture_n must be one of {', '.join(MIXTURE_N)}, not {mixture_n!r}")
+    if cut_off_answers not in CUT_OFF_ANSWERS:
+        raise ValueError(f"cut_off_answers must be one of {', '.join(CUT_OFF_ANSWERS)}, "
+                         f"not {cut_off_answers!r}")
 
 
 @torch.inference_mode()
@@ -404,7 +513,7 @@ def rollout_position(
     *,
     samples: int = 8,
     min_prob: float = 0.05,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = 256,  # see RolloutEstimator.defaults
     temperature: float = 1.0,
     seed: int = 0,
     miller_madow: bool = True,
@@ -416,6 +525,8 @@ def rollout_position(
     answer_scope: str = "response",
     annotate: bool = True,
     cancel: threading.Event | None = None,
+    mixture_n: str = "kish",
+    cut_off_answers: str = "explicit",
 ) -> RolloutResult:
     """Rollout estimate of I_t at ``position`` of the trace ``token_ids`` (module doc).
 
@@ -423,12 +534,13 @@ def rollout_position(
     unchanged; it is forked). ``alternatives``: explicit token ids to fork on instead of
     the ``min_prob`` rule (the emitted token is always added). ``eos_token_ids``
     overrides the model's EOS set (an empty set: every row runs ``max_new_tokens``).
-    ``extract`` returns an ``ExtractedAnswer``, a string or None. Raises
+    ``extract`` returns an ``ExtractedAnswer``, a string or None. ``mixture_n``: "kish"
+    or "total", ``cut_off_answers``: "explicit", "none" or "any" (module doc). Raises
     ``RolloutCancelled`` if ``cancel`` is set while decoding.
     """
     _validate(prompt_ids, token_ids, [position], samples=samples, min_prob=min_prob,
               max_new_tokens=max_new_tokens, temperature=temperature,
-              answer_scope=answer_scope)
+              answer_scope=answer_scope, mixture_n=mixture_n, cut_off_answers=cut_off_answers)
     t0 = time.perf_counter()
     model = lm.model
     device = next(model.parameters()).device
@@ -515,7 +627,8 @@ def rollout_position(
         ids = [alt_ids[a], *rows.tokens[r]]
         text = decode(ids)
         scope_text = decode(head + ids) if answer_scope == "response" else text
-        answer, method = _as_answer(extract(scope_text))
+        cut_off = rows.stop[r] in CUT_OFF_REASONS
+        answer, method, dropped = _answer_of(extract, scope_text, cut_off, cut_off_answers)
         steps = None
         if fork_stats is not None:
             s0 = (fork_stats.logprob[a], fork_stats.rank[a], fork_stats.entropy[a],
@@ -523,7 +636,8 @@ def rollout_position(
             steps = _steps(tok, context, position, ids, [s0, *rows.stats[r]], token_text)
         conts.append(Continuation(token_ids=ids, text=text, answer=answer,
                                   answer_method=method, answer_class=-1,
-                                  stop_reason=rows.stop[r], steps=steps))
+                                  stop_reason=rows.stop[r], steps=steps, cut_off=cut_off,
+                                  dropped_answer=dropped))
         found_answers.append(answer)
     labels, classes = group_answers(found_answers, equivalent)
     for c, label in zip(conts, labels, strict=True):
@@ -537,17 +651,30 @@ def rollout_position(
         alts.append(RolloutAlternative(
             token_id=alt_ids[a], text=token_text(alt_ids[a]), prob=alt_probs[a],
             weight=weights[a], emitted=alt_ids[a] == emitted, continuations=mine,
-            counts=counts))
+            counts=counts, n_cut_off=sum(c.cut_off for c in mine)))
     counts = [x.counts for x in alts]
-    plug = mutual_information(counts, weights, miller_madow=False)
-    mm = mutual_information(counts, weights, miller_madow=True)
+    n_choices = sum(1 for w in weights if w > 0)  # an explicit p = 0 token is no choice
+    no_choice = n_choices < 2
+    if no_choice:  # I_t = 0 by construction (one outcome distribution, nothing to mix)
+        plug = mm = 0.0
+    else:
+        plug = mutual_information(counts, weights, miller_madow=False)
+        mm = mutual_information(counts, weights, miller_madow=True, mixture_n=mixture_n)
+    value = mm if miller_madow else plug
+    choice_entropy = plugin_entropy(weights) + 0.0  # never -0.0
+    n_eff = (effective_sample_size(weights, [samples] * n_alt) if mixture_n == "kish"
+             else float(n_alt * samples))
     mixture = [sum(w * x.counts[i] / samples for w, x in zip(weights, alts, strict=True))
                for i in range(len(classes))]
     params = {
         "samples": samples, "min_prob": min_prob, "max_new_tokens": max_new_tokens,
         "temperature": temperature, "seed": seed,
         "position_seed": position_seed(seed, position), "miller_madow": miller_madow,
-        "mixture_n": "all samples of the position",
+        "mixture_n": mixture_n,  # "kish": S / sum p~^2; "total": S x alternatives
+        "no_answer": "class",  # continuations without an answer are one outcome class
+        "cut_off_answers": cut_off_answers,
+        "cut_off_methods": list(EXPLICIT_METHODS) if cut_off_answers == "explicit" else None,
+        "no_choice_value": 0.0,  # n_choices < 2: value 0.0, flagged no_choice
         "alternatives": "explicit" if alternatives is not None else f"p > {min_prob} + emitted",
         "answer_scope": answer_scope,
         "extract": getattr(extract, "__name__", repr(extract)),
@@ -555,11 +682,16 @@ def rollout_position(
         "eos_token_ids": sorted(eos),
     }
     return RolloutResult(
-        position=position, value=mm if miller_madow else plug, value_plugin=plug,
+        position=position, value=value, value_plugin=plug,
         value_miller_madow=mm, entropy=entropy, alternatives=alts, classes=classes,
         mixture=mixture, params=params,
         generated_tokens=sum(len(t) for t in rows.tokens),
         seconds=time.perf_counter() - t0,
+        n_choices=n_choices, no_choice=no_choice, choice_entropy=choice_entropy,
+        value_normalised=value / choice_entropy if choice_entropy > 1e-12 else None,
+        mixture_n_eff=n_eff, n_no_answer=sum(c.answer is NO_ANSWER for c in conts),
+        n_cut_off=sum(c.cut_off for c in conts),
+        no_answer_class=classes.index(NO_ANSWER) if NO_ANSWER in classes else None,
     )
 
 
@@ -588,7 +720,8 @@ def rollout_positions(
     a = args.arguments
     _validate(prompt_ids, token_ids, order, samples=a["samples"], min_prob=a["min_prob"],
               max_new_tokens=a["max_new_tokens"], temperature=a["temperature"],
-              answer_scope=a["answer_scope"])
+              answer_scope=a["answer_scope"], mixture_n=a["mixture_n"],
+              cut_off_answers=a["cut_off_answers"])
     if not order:
         return
     model = lm.model

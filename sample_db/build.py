@@ -62,7 +62,10 @@ def finalize(path: Path) -> None:
 
 
 ROLLOUT_TRACES = 5
-ROLLOUT_PARAMS = {"samples": 4, "max_new_tokens": 32, "keep_tokens": False}
+# 96 new tokens: enough for most continuations to reach the answer the traces (<= 160
+# tokens) write; 32, the first build's figure, cut off 1,666 of 2,020 continuations
+# before any answer, so "the answer" was mostly the last number written.
+ROLLOUT_PARAMS = {"samples": 4, "max_new_tokens": 96, "keep_tokens": False}
 
 
 def mi_stage(path: Path, lm) -> None:

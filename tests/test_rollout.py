@@ -11,11 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from models.answers import ExtractedAnswer
+from models.estimators import TraceData, get_estimator
 from models.generate import cache_kwarg, encode_prompt, score_tokens, stream_annotated
 from models.loading import wrap_model
 from models.rollout import (
+    NO_ANSWER,
     RolloutResult,
     cache_from_output,
+    effective_sample_size,
     fork_cache,
     group_answers,
     miller_madow_entropy,
@@ -135,7 +139,8 @@ def test_fair_binary_fork_gives_ln2(toy):
     assert [a.weight for a in res.alternatives] == pytest.approx([0.5, 0.5])
     assert res.entropy == pytest.approx(LN2)
     # Each alternative fixes the answer: plug-in is exactly ln 2; Miller-Madow adds
-    # (2 - 1) / (2 * 128) for the mixture and nothing for the pure histograms.
+    # (2 - 1) / (2 N_eff) for the mixture, N_eff = S / (0.5^2 + 0.5^2) = 2S = 128 (equal
+    # weights: the total count), and nothing for the pure histograms.
     assert res.value_plugin == pytest.approx(LN2, abs=1e-9)
     assert res.value_miller_madow == pytest.approx(LN2 + 1 / (4 * s), abs=1e-9)
     assert res.value == res.value_miller_madow
@@ -144,6 +149,11 @@ def test_fair_binary_fork_gives_ln2(toy):
         assert {c.answer for c in alt.continuations} == {WORDS[alt.token_id]}
     assert sorted(res.classes) == ["1", "2"]
     assert res.mixture == pytest.approx([0.5, 0.5])
+    assert res.mixture_n_eff == pytest.approx(2 * s)
+    assert res.n_choices == 2 and not res.no_choice
+    assert res.choice_entropy == pytest.approx(LN2)
+    assert res.value_normalised == pytest.approx(res.value / LN2)
+    assert res.n_no_answer == res.n_cut_off == 0 and res.no_answer_class is None
     plain = run(toy, 2, samples=s, miller_madow=False)
     assert plain.value == plain.value_plugin == pytest.approx(LN2)
 
@@ -155,6 +165,11 @@ def test_deterministic_positions_give_zero(toy, position):
     assert res.value == pytest.approx(0.0, abs=1e-12)
     assert res.value_plugin == pytest.approx(0.0, abs=1e-12)
     assert res.entropy == pytest.approx(0.0, abs=1e-6)
+    # No choice: zero by construction, flagged, and not normalisable.
+    assert res.n_choices == 1 and res.no_choice
+    assert res.value == res.value_plugin == res.value_miller_madow == 0.0
+    assert res.choice_entropy == 0.0 and res.value_normalised is None
+    assert res.details()["no_choice"] is True and res.details()["n_choices"] == 1
 
 
 def test_irrelevant_choice_gives_about_zero(toy):
@@ -206,13 +221,19 @@ def test_miller_madow_by_hand():
     h_mix = -(0.1875 * math.log(0.1875) + 0.8125 * math.log(0.8125))
     h_1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     plug = h_mix - 0.25 * h_1
-    # Mixture: K = 2 classes over N = 8 samples; alternative 1: K = 2, N = 4;
-    # alternative 2: K = 1 (no correction).
-    mm = (h_mix + 1 / 16) - 0.25 * (h_1 + 1 / 8) - 0.75 * 0.0
+    # Mixture: K = 2 classes over Kish's N_eff = S / sum p~^2 = 4 / (0.0625 + 0.5625)
+    # = 6.4 samples (science.md §6; the first version used all 8 samples, which
+    # overstates the mixture's sample size when the weights are unequal: 1 / 16 instead
+    # of 1 / 12.8); alternative 1: K = 2, N = 4; alternative 2: K = 1 (no correction).
+    mm = (h_mix + 1 / 12.8) - 0.25 * (h_1 + 1 / 8) - 0.75 * 0.0
+    mm_total = (h_mix + 1 / 16) - 0.25 * (h_1 + 1 / 8)
     assert plug == pytest.approx(0.341994, abs=1e-6)
-    assert mm == pytest.approx(0.373244, abs=1e-6)
+    assert mm == pytest.approx(0.388869, abs=1e-6)
+    assert mm_total == pytest.approx(0.373244, abs=1e-6)
+    assert effective_sample_size(weights, [4, 4]) == pytest.approx(6.4)
     assert mutual_information(counts, weights, miller_madow=False) == pytest.approx(plug)
     assert mutual_information(counts, weights) == pytest.approx(mm)
+    assert mutual_information(counts, weights, mixture_n="total") == pytest.approx(mm_total)
     assert plugin_entropy([3, 1]) == pytest.approx(h_1)
     assert miller_madow_entropy([3, 1]) == pytest.approx(h_1 + 1 / 8)
     assert miller_madow_entropy([0, 4]) == pytest.approx(0.0)
@@ -220,10 +241,33 @@ def test_miller_madow_by_hand():
         mutual_information([[0, 0]], [1.0])
 
 
+def test_effective_sample_size_by_hand():
+    # One dominant alternative: N_eff -> S; equal weights: S x M.
+    assert effective_sample_size([1.0], [8]) == pytest.approx(8)
+    assert effective_sample_size([1, 1, 1, 1], [8] * 4) == pytest.approx(32)
+    assert effective_sample_size([0.98, 0.01, 0.01], [8] * 3) == pytest.approx(
+        8 / (0.98**2 + 2 * 0.01**2))
+    # Unequal sizes: 1 / sum p~^2 / n = 1 / (0.25 / 4 + 0.25 / 12) = 12.
+    assert effective_sample_size([1, 1], [4, 12]) == pytest.approx(12)
+    # Three alternatives, weights 0.5 / 0.3 / 0.2, S = 5, classes a / b / no answer.
+    counts, weights = [[5, 0, 0], [2, 2, 1], [0, 0, 5]], [0.5, 0.3, 0.2]
+    mix = [0.5 + 0.3 * 0.4, 0.3 * 0.4, 0.3 * 0.2 + 0.2]
+    h_mix = -sum(p * math.log(p) for p in mix)
+    h_2 = -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2))
+    n_eff = 5 / (0.25 + 0.09 + 0.04)
+    by_hand = (h_mix + 2 / (2 * n_eff)) - 0.3 * (h_2 + 2 / 10)
+    assert mutual_information(counts, weights) == pytest.approx(by_hand)
+    with pytest.raises(ValueError, match="mixture_n"):
+        mutual_information(counts, weights, mixture_n="all")
+
+
 def test_group_answers_greedy_with_equivalence():
     labels, reps = group_answers(["42", "42.0", None, "x", "1/2", "0.5", None])
     assert reps == ["42", None, "x", "1/2"]
     assert labels == [0, 0, 1, 2, 3, 3, 1]
+    # "No answer" never asks the equivalence and never matches an answer.
+    labels, reps = group_answers([None, "5"], equivalent=lambda a, b: True)
+    assert reps == [NO_ANSWER, "5"] and labels == [0, 1]
 
 
 # ---------------------------------------------------------------- batching and seeds
@@ -291,6 +335,91 @@ def test_limits_and_answer_scope(toy):
     # An empty EOS set: rows run to max_new_tokens.
     fixed = run(toy, 5, samples=2, max_new_tokens=4, eos_token_ids=())
     assert [len(c.token_ids) for c in fixed.alternatives[0].continuations] == [5, 5]
+
+
+def test_cut_off_continuations_are_no_answer(toy):
+    # Cut off after 2 sampled tokens: "step think 1 x" holds a number but states no
+    # answer, so it is "no answer" (the number is kept as dropped_answer).
+    res = run(toy, 1, samples=2, max_new_tokens=2)
+    conts = [c for a in res.alternatives for c in a.continuations]
+    assert all(c.cut_off and c.stop_reason == "length" for c in conts)
+    assert all(c.answer is None and c.answer_method is None for c in conts)
+    assert {c.dropped_answer for c in conts} <= {"1", "2"}
+    assert res.classes == [NO_ANSWER] and res.no_answer_class == 0
+    assert res.n_no_answer == res.n_cut_off == 4
+    assert [a.n_cut_off for a in res.alternatives] == [2, 2]
+    assert [a.counts for a in res.alternatives] == [[2], [2]]
+    assert res.params["cut_off_answers"] == "explicit"
+    # The first version's behaviour: the last number is the answer.
+    anyway = run(toy, 1, samples=2, max_new_tokens=2, cut_off_answers="any")
+    assert all(c.answer in ("1", "2") and c.answer_method == "last_number"
+               for a in anyway.alternatives for c in a.continuations)
+    assert anyway.n_no_answer == 0
+    # Cut off after an explicit "answer: 1" (no EOS at all): kept under "explicit",
+    # dropped under "none".
+    fixed = run(toy, 5, samples=2, max_new_tokens=4, eos_token_ids=())
+    conts = fixed.alternatives[0].continuations
+    assert [(c.cut_off, c.answer, c.answer_method) for c in conts] == \
+        [(True, "1", "final_answer")] * 2
+    strict = run(toy, 5, samples=2, max_new_tokens=4, eos_token_ids=(),
+                 cut_off_answers="none")
+    assert [(c.answer, c.dropped_answer) for c in strict.alternatives[0].continuations] == \
+        [(None, "1")] * 2
+    # A finished row keeps its last-number answer; a bare-string extractor states
+    # nothing explicitly, so its answer of a cut-off row is dropped.
+    bare = run(toy, 1, samples=2, max_new_tokens=2, extract=lambda text: "7")
+    assert bare.n_no_answer == 4
+    boxed = run(toy, 1, samples=2, max_new_tokens=2,
+                extract=lambda text: ExtractedAnswer("7", "boxed"))
+    assert boxed.n_no_answer == 0 and boxed.classes == ["7"]
+    with pytest.raises(ValueError, match="cut_off_answers"):
+        run(toy, 1, cut_off_answers="some")
+
+
+def test_no_answer_is_an_outcome_class(toy):
+    # An extractor that finds no answer in the responses through "2": those are "no
+    # answer", an outcome like "1", so the fork still carries ln 2 about the outcome.
+    def only_ones(text):
+        return ExtractedAnswer("1", "final_answer") if "answer: 1" in text else None
+
+    res = run(toy, 2, samples=4, extract=only_ones)
+    by_token = {a.token_id: a for a in res.alternatives}
+    assert res.no_answer_class is not None and res.classes[res.no_answer_class] is NO_ANSWER
+    assert by_token[TWO].counts[res.no_answer_class] == 4
+    assert by_token[ONE].counts[res.no_answer_class] == 0
+    assert all(not c.cut_off and c.answer is None and c.dropped_answer is None
+               for c in by_token[TWO].continuations)
+    assert res.n_no_answer == 4 and res.n_cut_off == 0 and res.n_choices == 2
+    assert res.value_plugin == pytest.approx(LN2)
+    assert res.mixture[res.no_answer_class] == pytest.approx(0.5)
+    # An explicit alternative the model gives probability 0 is no choice.
+    dead = run(toy, 3, samples=2, alternatives=[EOS])
+    assert len(dead.alternatives) == 2 and dead.n_choices == 1 and dead.no_choice
+    assert dead.value == 0.0 and dead.choice_entropy == 0.0
+
+
+def test_estimator_details_and_params(toy):
+    est = get_estimator("rollout", {"samples": 2, "max_new_tokens": 3, "keep_tokens": False})
+    assert est.params["mixture_n"] == "kish" and est.params["cut_off_answers"] == "explicit"
+    data = TraceData(prompt_ids=[Q], token_ids=TRACE, entropies=[0.0] * len(TRACE),
+                     text=" ".join(WORDS[t] for t in TRACE))
+    chunks = {pos: c for c in est.run(toy, data, [2, 4]) for pos in c.values}
+    fork, fixed = chunks[2].details[2], chunks[4].details[4]
+    assert fork["n_choices"] == 2 and fork["no_choice"] is False
+    assert fork["choice_entropy"] == pytest.approx(LN2)
+    assert fork["value_normalised"] == pytest.approx(chunks[2].values[2] / LN2)
+    assert fork["mixture_n_eff"] == pytest.approx(4.0)
+    assert fixed["n_choices"] == 1 and fixed["no_choice"] is True
+    assert chunks[4].values[4] == 0.0 and fixed["value_normalised"] is None
+    for d in (fork, fixed):
+        assert {"n_no_answer", "n_cut_off", "no_answer_class"} <= set(d)
+        assert all("n_cut_off" in a for a in d["alternatives"])
+    info = chunks[2].info
+    assert info["mixture_n"] == "kish" and info["cut_off_answers"] == "explicit"
+    assert info["no_answer"] == "class"
+    for bad in ({"mixture_n": "all"}, {"cut_off_answers": "some"}):
+        with pytest.raises(Exception, match=next(iter(bad))):
+            get_estimator("rollout", bad)
 
 
 def test_explicit_alternatives_and_custom_extractor(toy):

@@ -29,9 +29,15 @@ Definitions (../shared/science.md §1, §2 and §5):
 - Lag profile: E at t against P at t + lag, lag in -3..+3, pairs within a trace only (no
   wrap-around) and both positions used. Positive lag: the peak comes after the token.
 - Null (`shift_null`): MI circularly shifted within each trace by a random offset,
-  the statistic recomputed; one-sided p = (1 + #{null >= observed}) / (1 + iterations).
+  the statistic recomputed; two-sided p = min(1, 2 min(p_upper, p_lower)) with
+  p_upper = (1 + #{null >= observed}) / (1 + iterations), and the tail and the null's
+  mean and spread beside it. A shift keeps each trace's sets and sizes but not where
+  along the trace they fall: a trend both series share survives it only in part, so
+  these raw statistics are secondary; the position-controlled ones and the primary
+  endpoint are in forkview/analysis/inference.py.
 - Intervals (`bootstrap_weights`, `percentile_interval`): 95% percentile intervals
-  from resampling traces (not tokens) with replacement.
+  from resampling prompts (all samples of a prompt together; `cluster`), or traces
+  when no prompt is given.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from forkview.analysis.inference import cluster_weights, infer, token_class_codes
 from forkview.analysis.peaks import PeakRule
 
 # Wang et al.'s 80th percentile of Qwen3-8B's token entropy (nats): "forking" above it.
@@ -460,14 +467,36 @@ def shift_offsets(lengths: IntArray, iterations: int,
     return np.minimum((u * lengths).astype(np.int64), np.maximum(lengths - 1, 0))
 
 
-def p_value(null: FloatArray, observed: float) -> float:
-    """One-sided (greater) p = (1 + #{null >= observed}) / (1 + iterations); null values
-    that are NaN count as not reaching the observed value."""
+def p_value(null: FloatArray, observed: float, tail: str = "two-sided") -> float:
+    """Permutation p-value. "greater": (1 + #{null >= observed}) / (1 + iterations);
+    "less": the same with <=; "two-sided" (default): twice the smaller of the two,
+    capped at 1, so a depletion is as visible as an enrichment. Null values that are NaN
+    count as not reaching the observed value (either way)."""
     null = np.asarray(null, dtype=np.float64)
     if not math.isfinite(observed):
         return float("nan")
     tol = _TOL * max(1.0, abs(observed))
-    return float((1 + np.sum(null >= observed - tol)) / (1 + len(null)))
+    upper = float((1 + np.sum(null >= observed - tol)) / (1 + len(null)))
+    lower = float((1 + np.sum(null <= observed + tol)) / (1 + len(null)))
+    if tail == "greater":
+        return upper
+    if tail == "less":
+        return lower
+    return min(1.0, 2 * min(upper, lower))
+
+
+def null_test(null: FloatArray, observed: float) -> tuple[float, str | None, float, float]:
+    """Two-sided p, the tail the observed value is in ("upper" / "lower"), and the
+    null's mean and standard deviation (NaN draws left out)."""
+    null = np.asarray(null, dtype=np.float64)
+    fin = null[np.isfinite(null)]
+    mean = float(fin.mean()) if len(fin) else float("nan")
+    sd = float(fin.std(ddof=1)) if len(fin) > 1 else float("nan")
+    if not math.isfinite(observed):
+        return float("nan"), None, mean, sd
+    tail = "upper" if p_value(null, observed, "greater") <= p_value(null, observed, "less") \
+        else "lower"
+    return p_value(null, observed), tail, mean, sd
 
 
 # --------------------------------------------------------------------- bootstrap
@@ -591,17 +620,25 @@ def histogram(values: FloatArray, bins: int = 30,
 # --------------------------------------------------------------------- the analysis
 @dataclass
 class Estimate:
-    """A statistic with its 95% bootstrap interval and null p-value (None: not computed
-    for this statistic)."""
+    """A statistic with its 95% bootstrap interval and its test against the circular-
+    shift null (None: not computed for this statistic): two-sided p, the tail the
+    observed value lies in, the null's mean and standard deviation, and the p adjusted
+    for the report's many tests (set by the report)."""
 
     value: float
     lo: float | None = None
     hi: float | None = None
     p: float | None = None
+    tail: str | None = None  # "upper" | "lower": which side of the null the value is on
+    null_mean: float | None = None
+    null_sd: float | None = None
+    p_adj: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"value": _num(self.value), "lo": _num(self.lo), "hi": _num(self.hi),
-                "p": _num(self.p)}
+                "p": _num(self.p), "p_two_sided": _num(self.p), "tail": self.tail,
+                "null_mean": _num(self.null_mean), "null_sd": _num(self.null_sd),
+                "adjusted_p": _num(self.p_adj)}
 
 
 def _num(v: float | None) -> float | None:
@@ -626,6 +663,23 @@ class OverlapResult:
     tokens: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     density: dict[str, Any] = field(default_factory=dict)
     auc_bins: int = 0  # score bins of the AUROC bootstrap (0: exact / none)
+    # primary endpoint, chance levels, controls, position profile (inference.infer)
+    inference: dict[str, Any] = field(default_factory=dict)
+    n_clusters: int = 0  # prompts the bootstrap resamples
+
+    @property
+    def primary(self) -> dict[str, Any]:
+        return self.inference.get("primary", {})
+
+    @property
+    def controls(self) -> dict[str, Any]:
+        return self.inference.get("controls", {})
+
+    @property
+    def expected_both(self) -> float:
+        """|E∩P| expected under independence within each trace: sum |E_i||P_i|/n_i."""
+        v = self.inference.get("chance", {}).get("within_trace_expected_overlap")
+        return float("nan") if v is None else float(v)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -642,6 +696,8 @@ class OverlapResult:
                              for k, v in self.per_trace.items()}},
             "density": self.density,
             "auc_bootstrap_bins": self.auc_bins,
+            "bootstrap_clusters": self.n_clusters,
+            **self.inference,
         }
 
 
@@ -657,11 +713,16 @@ def analyse(trace: IntArray, position: IntArray, entropy: FloatArray, mi: FloatA
             high: BoolArray, rule: PeakRule, *, trace_ids: Sequence[int] | None = None,
             texts: Sequence[str] | None = None, bootstrap: int = 1000,
             null: int = 1000, seed: int = 0, top_tokens: int = 15,
-            lags: Sequence[int] = LAGS, with_density: bool = True) -> OverlapResult:
+            lags: Sequence[int] = LAGS, with_density: bool = True,
+            cluster: Sequence[int] | None = None, refit: bool = False) -> OverlapResult:
     """E (`high`, chosen by the caller over all tokens) against the MI peaks, over the
     positions where MI is present.
 
     Arrays are per token, sorted by (trace, position); `trace` indexes `trace_ids`.
+    `cluster` gives each trace's prompt (same indexing as `trace`): the bootstrap
+    resamples prompts, so samples of one prompt move together (default: every trace its
+    own prompt). `refit`: E is a corpus-level top fraction, refitted in each resample of
+    the primary endpoint (see inference.primary_draws).
     Bootstrap and null draw from independent streams of `seed` (numpy SeedSequence
     [seed, 1] and [seed, 2]), so each is reproducible and changing one's iteration count
     leaves the other's draws alone.
@@ -695,7 +756,10 @@ def analyse(trace: IntArray, position: IntArray, entropy: FloatArray, mi: FloatA
     # and each trace's peaks as they are in the full sample, so the intervals are
     # conditional on the threshold; recomputing a corpus quantile per resample would
     # need every token re-sorted 1,000 times and moves it very little.
-    W = bootstrap_weights(n_tr, bootstrap, np.random.default_rng(
+    clusters = (np.asarray(cluster, dtype=np.int64)[kept] if cluster is not None
+                else np.arange(n_tr))
+    clusters, _ = compact(clusters)  # 0..C-1 over the traces used
+    W = cluster_weights(clusters, bootstrap, np.random.default_rng(
         np.random.SeedSequence([seed, 1])))
     intervals: dict[str, tuple[float, float]] = {}
     auc_bins = 0
@@ -722,7 +786,8 @@ def analyse(trace: IntArray, position: IntArray, entropy: FloatArray, mi: FloatA
     stats = {}
     for name in STAT_NAMES:
         lo, hi = intervals.get(name, (None, None))
-        stats[name] = Estimate(point[name], lo, hi, pvals.get(name))
+        null_p, tail, mean, sd = pvals.get(name, (None, None, None, None))
+        stats[name] = Estimate(point[name], lo, hi, null_p, tail, mean, sd)
     lag_rows = []
     for li, lag in enumerate(lags):
         c = lagc[:, li].sum(axis=0)
@@ -754,6 +819,10 @@ def analyse(trace: IntArray, position: IntArray, entropy: FloatArray, mi: FloatA
         tokens=tables,
         density=density(ent, val) if with_density else {},
         auc_bins=auc_bins,
+        inference=infer(t_local, ent, val, hi_, peak, n_tr, W, clusters,
+                        classes=(token_class_codes([texts[i] for i in idx])
+                                 if texts is not None else None), refit=refit),
+        n_clusters=int(clusters.max()) + 1 if len(clusters) else 0,
     )
 
 
@@ -784,7 +853,7 @@ def _bootstrap_auc(ranks: FloatArray, peak: BoolArray, trace: IntArray, n_traces
 
 def _shift_null(high: BoolArray, peak: BoolArray, ranks: FloatArray, parts: RankParts,
                 trace: IntArray, n_traces: int, tot: IntArray, point: dict[str, Any],
-                iterations: int, rng: np.random.Generator) -> dict[str, float]:
+                iterations: int, rng: np.random.Generator) -> dict[str, tuple[Any, ...]]:
     """p-values of the statistics under circular shifts of MI within each trace.
 
     A shift moves the peaks and the MI ranks together and keeps every trace's |E|, |P|
@@ -813,7 +882,7 @@ def _shift_null(high: BoolArray, peak: BoolArray, ranks: FloatArray, parts: Rank
         null["spearman"] = rho.mean(axis=1)
     else:
         null["spearman"] = np.full(iterations, np.nan)
-    return {name: p_value(null[name], point[name]) for name in NULL_STATS}
+    return {name: null_test(null[name], point[name]) for name in NULL_STATS}
 
 
 def agreement_by_trace(trace: IntArray, a: FloatArray, b: FloatArray, *,

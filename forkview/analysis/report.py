@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from forkview.analysis import inference as inf
 from forkview.analysis import overlap as ov
 from forkview.analysis.peaks import TUKEY, PeakRule
 
@@ -90,11 +91,15 @@ class ReportSettings:
                                         "per trace"},
             "mi_run": "latest complete run per trace x estimator x model",
             "bootstrap": {"iterations": self.bootstrap, "seed": self.seed,
-                          "stream": [self.seed, 1], "unit": "trace",
+                          "stream": [self.seed, 1], "unit": "prompt",
                           "interval": "95% percentile"},
             "null": {"iterations": self.null, "seed": self.seed, "stream": [self.seed, 2],
                      "method": "circular shift of MI within each trace",
-                     "p": "one-sided, (1 + #null >= observed) / (1 + iterations)"},
+                     "p": "two-sided: min(1, 2 min(p_upper, p_lower)), p_upper = "
+                          "(1 + #null >= observed) / (1 + iterations)"},
+            "bootstrap_unit": "prompt",
+            "position_bins": inf.POSITION_BINS,
+            "token_classes": list(inf.TOKEN_CLASSES),
             "filters": {"models": list(self.models), "sets": list(self.sets),
                         "estimators": list(self.estimators),
                         "traces": "roots and branches" if self.branches else "roots only"},
@@ -131,13 +136,21 @@ class ReportRow:
     model_id: int
     model: str
     estimator: str
-    group: str  # all | correct | incorrect | unknown
+    group: str  # all | correct | incorrect | unknown | "setting: <sampling label>"
     params: list[dict[str, Any]]  # [{"params": {...}, "traces": n}]: the runs used
     result: ov.OverlapResult
+    settings: list[str] = field(default_factory=list)  # sampling settings of its traces
+    positions_total: int = 0  # the traces' positions, with or without an MI value
+    verdict: inf.Verdict | None = None  # rows of group "all" only
+    no_choice: int = 0  # rollout positions left out: one choice, I_t = 0 by construction
 
     def to_json(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "model": self.model, "estimator": self.estimator,
-                "group": self.group, "runs": self.params, **self.result.to_json()}
+        out = {"model_id": self.model_id, "model": self.model, "estimator": self.estimator,
+               "group": self.group, "runs": self.params, "sampling_settings": self.settings,
+               "no_choice_positions": self.no_choice, **self.result.to_json()}
+        if self.verdict is not None:
+            out["verdict"] = self.verdict.to_json()
+        return out
 
 
 @dataclass
@@ -150,13 +163,23 @@ class Report:
     rows: list[ReportRow]
     comparisons: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    strata: list[ReportRow] = field(default_factory=list)  # per sampling setting
 
     def to_json(self) -> dict[str, Any]:
         return {"forkview_version": self.version, "database": self.database,
                 "settings": self.settings.to_json(), "n_traces": self.n_traces,
+                "primary_endpoint": PRIMARY_ENDPOINT,
+                "verdicts": [{"model": r.model, "model_id": r.model_id,
+                              "estimator": r.estimator, **r.verdict.to_json()}
+                             for r in self.rows if r.verdict is not None],
                 "models": [m.to_json() for m in self.models],
                 "rows": [r.to_json() for r in self.rows],
+                "strata": [r.to_json() for r in self.strata],
                 "comparisons": self.comparisons, "notes": self.notes}
+
+    @property
+    def primary_rows(self) -> list[ReportRow]:
+        return [r for r in self.rows if r.group == "all"]
 
 
 # ====================================================================== reading
@@ -165,6 +188,22 @@ class _Selection:
     ids: np.ndarray  # trace ids, ascending
     model: np.ndarray  # generating model row per trace
     correct: list[bool | None]
+    prompt: np.ndarray  # prompt row per trace: the bootstrap's cluster
+    setting: list[str]  # sampling setting per trace (`sampling_label`)
+
+
+def sampling_label(temperature: float, top_p: float, top_k: int) -> str:
+    """A trace's sampling regime as a stratum name: "greedy" or "T=1" (with top-p /
+    top-k when set). Traces of different regimes have very different shares of
+    high-entropy tokens, so they are compared only within their own stratum."""
+    if not temperature:
+        return "greedy"
+    out = f"T={temperature:g}"
+    if top_p < 1:
+        out += f", top-p {top_p:g}"
+    if top_k:
+        out += f", top-k {top_k}"
+    return out
 
 
 @dataclass
@@ -214,12 +253,17 @@ def _select(conn: Any, settings: ReportSettings) -> _Selection:
     if settings.sets:
         where.append(f"p.source_set IN ({', '.join('?' * len(settings.sets))})")
         args += list(settings.sets)
-    rows = _fetch(conn, "SELECT t.id, t.model_id, t.correct FROM traces t "
+    rows = _fetch(conn, "SELECT t.id, t.model_id, t.correct, t.prompt_id, t.temperature, "
+                  "t.top_p, t.top_k FROM traces t "
                   "JOIN prompts p ON p.id = t.prompt_id WHERE " + " AND ".join(where)
                   + " ORDER BY t.id", tuple(args))
-    ids, model, correct = _columns(rows, 3)
+    ids, model, correct, prompt, temp, top_p, top_k = _columns(rows, 7)
     return _Selection(np.array(ids, dtype=np.int64), np.array(model, dtype=np.int64),
-                      [None if c is None else bool(c) for c in correct])
+                      [None if c is None else bool(c) for c in correct],
+                      np.array(prompt, dtype=np.int64),
+                      [sampling_label(float(t or 0), float(p if p is not None else 1),
+                                      int(k or 0)) for t, p, k in zip(temp, top_p, top_k,
+                                                                      strict=True)])
 
 
 def _ids_clause(column: str, ids: np.ndarray, total: int) -> tuple[str, tuple[Any, ...]]:
@@ -270,6 +314,8 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
         raise ReportError(f"no finished traces{what} in {database}")
     gen_of = dict(zip(sel.ids.tolist(), sel.model.tolist(), strict=True))
     correct_of = dict(zip(sel.ids.tolist(), sel.correct, strict=True))
+    prompt_of = dict(zip(sel.ids.tolist(), sel.prompt.tolist(), strict=True))
+    setting_of = dict(zip(sel.ids.tolist(), sel.setting, strict=True))
 
     # ---- tokens of every selected trace (one read), keyed by (trace, position)
     total_traces = int(_fetch(conn, "SELECT COUNT(*) FROM traces")[0][0])
@@ -330,6 +376,7 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
         estimators = available
     chosen = {k: v for k, v in latest.items() if k[1] in estimators}
     mi_by: dict[tuple[str, int], np.ndarray] = {}  # (estimator, model) -> values per token
+    no_choice_by: dict[tuple[str, int], int] = {}  # rollout positions left out
     runs_used: dict[tuple[str, int], Counter[str]] = {}
     if chosen and len(key):
         run_ids = np.array(sorted(v[0] for v in chosen.values()), dtype=np.int64)
@@ -354,11 +401,25 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
         v_key = _key(lut_trace[v_run], v_pos, span)
         at = np.minimum(np.searchsorted(key, v_key), len(key) - 1)
         found = (key[at] == v_key) & (v_pos < span)
+        # rollout positions where a single token passed min_prob: I_t = 0 by
+        # construction, not a measurement (models/rollout.py, "No choice"): left out
+        rollout_runs = [v[0] for k, v in chosen.items() if k[1] == "rollout"]
+        no_choice = np.zeros(len(v_run), dtype=bool)
+        if rollout_runs:
+            nc = _fetch(conn, "SELECT run_id, position FROM mi_values WHERE run_id IN "
+                        "(SELECT value FROM json_each(?)) AND "
+                        "json_extract(detail, '$.no_choice') = 1",
+                        (json.dumps(rollout_runs),))
+            if nc:
+                nc_key = {(int(r), int(p)) for r, p in nc}
+                no_choice = np.array([(int(r), int(p)) in nc_key
+                                      for r, p in zip(v_run, v_pos, strict=True)])
         for s, i in slot_of.items():
             pick = found & (lut_slot[v_run] == i)
             arr = np.full(len(key), np.nan)
-            arr[at[pick]] = v_val[pick]
+            arr[at[pick]] = np.where(no_choice[pick], np.nan, v_val[pick])
             mi_by[s] = arr
+            no_choice_by[s] = int((pick & no_choice).sum())
 
     # ---- per model
     scorer_ids = sorted(m for m in set(gen.tolist()) | set(scores) if m in wanted)
@@ -366,6 +427,7 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
         raise ReportError("no tokens of the selected model(s) in the selected traces")
     summaries: list[ModelSummary] = []
     rows_out: list[ReportRow] = []
+    strata_out: list[ReportRow] = []  # one per sampling setting, where there are several
     views: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # model -> (token index, entropy)
     for m in scorer_ids:
         own = np.flatnonzero(gen == m)
@@ -397,6 +459,12 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
                 if (labels == g).any():
                     groups[g] = labels == g
         texts = [text[i] for i in idx]
+        cluster_of_trace = np.array([prompt_of[t] for t in kept.tolist()], dtype=np.int64)
+        setting_labels = np.array([setting_of[t] for t in kept.tolist()])[t_local]
+        settings_here = sorted(set(setting_labels.tolist()))
+        if len(settings_here) > 1:
+            for label in settings_here:
+                groups[f"setting: {label}"] = setting_labels == label
         for est in estimators:
             mi = mi_by.get((est, m))
             if mi is None:
@@ -410,19 +478,133 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
                     trace_ids=kept[gk].tolist() if len(gk) else [],
                     texts=[texts[i] for i in sub] if len(sub) < len(idx) else texts,
                     bootstrap=settings.bootstrap, null=settings.null, seed=settings.seed,
-                    top_tokens=settings.top_tokens)
+                    top_tokens=settings.top_tokens, cluster=cluster_of_trace[gk],
+                    refit=settings.entropy.scope == "corpus")
+                if not res.n_positions:
+                    continue
                 runs = [{"params": json.loads(p), "traces": n}
                         for p, n in sorted(runs_used[(est, m)].items(),
                                            key=lambda kv: (-kv[1], kv[0]))]
-                rows_out.append(ReportRow(m, name[0], est, g, runs, res))
+                # the row's traces: those with an MI value of this estimator
+                with_mi = np.unique(gt[np.isfinite(mi[sub])])
+                in_row = np.isin(gt, with_mi)
+                row = ReportRow(m, name[0], est, g, runs, res)
+                row.settings = sorted(set(setting_labels[sub][in_row].tolist()))
+                row.positions_total = int(in_row.sum())
+                row.no_choice = no_choice_by.get((est, m), 0) if g == "all" else 0
+                (strata_out if g.startswith("setting: ") else rows_out).append(row)
 
     comparisons = _comparisons(scorer_ids, views, mi_by, estimators, tid, settings, models)
     notes = []
     if not estimators:
         notes.append("no complete MI runs on the selected traces: entropy only")
-    return Report(settings=settings, version=forkview_version(), database=database,
-                  n_traces=len(sel.ids), models=summaries, rows=rows_out,
-                  comparisons=comparisons, notes=notes)
+    report = Report(settings=settings, version=forkview_version(), database=database,
+                    n_traces=len(sel.ids), models=summaries, rows=rows_out,
+                    comparisons=comparisons, notes=notes, strata=strata_out)
+    conclude(report)
+    return report
+
+
+PRIMARY_ENDPOINT = {
+    "statistic": inf.PRIMARY_STATISTIC,
+    "definition": "per model x estimator: the Mantel-Haenszel odds ratio of E x P over "
+                  f"trace x relative-position-bin strata ({inf.POSITION_BINS} bins), over "
+                  "all selected traces (sampling settings pooled only through these "
+                  "per-trace strata)",
+    "interval": "95% percentile bootstrap over prompts (E's corpus threshold refitted in "
+                "each resample)",
+    "null": inf.PRIMARY_NULL,
+    "multiplicity": "Holm across the report's primary endpoints; every other p-value is "
+                    "secondary, Benjamini-Hochberg across all of them",
+    "verdict": "enriched / depleted when the Holm-adjusted p < 0.05 and the interval "
+               "excludes 1; otherwise no evidence",
+}
+# A shift keeps |E|, |P| and n, so these share one p-value (counted as one test).
+_SET_STATS = ("precision", "recall", "jaccard", "odds_ratio", "lift")
+
+
+def conclude(report: Report) -> None:
+    """Adjust for multiplicity and write the verdicts. Primary endpoints (group "all":
+    one per model x estimator) are Holm-adjusted among themselves; every other p-value
+    in the report (the raw statistics' shift nulls, the controls, the splits and the
+    sampling strata) is secondary and Benjamini-Hochberg-adjusted as one family."""
+    primaries = report.primary_rows
+    held = inf.adjust([_pnum(r.result.primary.get("p_two_sided")) for r in primaries],
+                      "holm")
+    for r, p in zip(primaries, held, strict=True):
+        r.result.primary["adjusted_p"] = inf._num(p)
+    # the secondary family: (setter, p) pairs
+    family: list[tuple[Callable[[float], None], float]] = []
+    for r in report.rows + report.strata:
+        res = r.result
+        if r.group != "all":
+            prim = res.primary
+            family.append((lambda v, prim=prim: prim.__setitem__("adjusted_p", inf._num(v)),
+                           _pnum(prim.get("p_two_sided"))))
+        shared = res.stats["jaccard"]
+
+        def set_shared(v: float, res: ov.OverlapResult = res) -> None:
+            for k in _SET_STATS:
+                res.stats[k].p_adj = inf._num(v)
+        family.append((set_shared, _pnum(shared.p)))
+        for k in ("spearman", "auroc"):
+            est = res.stats[k]
+            family.append((lambda v, est=est: setattr(est, "p_adj", inf._num(v)),
+                           _pnum(est.p)))
+        for ctl in res.controls.values():
+            family.append((lambda v, ctl=ctl: ctl.__setitem__("adjusted_p", inf._num(v)),
+                           _pnum(ctl.get("p_two_sided"))))
+    adjusted = inf.adjust([p for _, p in family], "fdr_bh")
+    for (setter, _), v in zip(family, adjusted, strict=True):
+        setter(v)
+    n_settings = sorted({s for r in report.rows for s in r.settings})
+    for r in primaries:
+        r.verdict = inf.verdict(
+            _pnum(r.result.primary.get("estimate")),
+            (_pnum(r.result.primary["ci"][0]), _pnum(r.result.primary["ci"][1])),
+            _pnum(r.result.primary.get("adjusted_p")),
+            label=f"{r.model} · {r.estimator}", caveats=_caveats(r, n_settings))
+
+
+def _pnum(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _caveats(r: ReportRow, all_settings: list[str]) -> list[str]:
+    res = r.result
+    out = []
+    if len(r.settings) > 1:
+        out.append(f"sampling settings mixed ({', '.join(r.settings)}): pooled only through "
+                   "per-trace strata; each setting is reported on its own under Strata")
+    if r.positions_total and res.n_positions < r.positions_total:
+        out.append(f"MI measured at {res.n_positions:,} of {r.positions_total:,} positions: "
+                   "E and P are compared among those positions only, which were chosen by "
+                   "the estimator's position rule, not at random")
+    if r.no_choice:
+        out.append(f"{r.no_choice:,} rollout positions left out as 'no choice' (a single "
+                   "token passes min_prob, so I_t = 0 by construction, not by measurement)")
+    raw = res.stats["odds_ratio"]
+    prim_p = res.primary.get("adjusted_p")
+    if (raw.p_adj is not None and raw.p_adj < inf.ALPHA
+            and (prim_p is None or prim_p >= inf.ALPHA)):
+        out.append(f"the raw pooled odds ratio ({raw.value:.2f}, shift-null p adjusted "
+                   f"{raw.p_adj:.4f}) does not survive the per-trace position control")
+    sp, part = res.stats["spearman"], res.controls.get("spearman_partial_position", {})
+    if (sp.p_adj is not None and sp.p_adj < inf.ALPHA and part.get("adjusted_p") is not None
+            and part["adjusted_p"] >= inf.ALPHA):
+        out.append(f"the raw Spearman ρ ({sp.value:.3f}) shrinks to "
+                   f"{part.get('estimate') or 0:.3f} with position removed (not significant)")
+    both = res.controls.get("mh_trace_position_class", {})
+    if (r.verdict is None and prim_p is not None and prim_p < inf.ALPHA
+            and both.get("adjusted_p") is not None and both["adjusted_p"] >= inf.ALPHA):
+        top = ", ".join(token_repr(t) for t, _ in res.tokens.get("peak", [])[:4])
+        out.append(f"it does not survive the token-class control as well (MH OR "
+                   f"{both.get('estimate') or math.nan:.2f} within trace × position × token "
+                   f"class, adjusted p {both['adjusted_p']:.4f}): it goes with which kinds of "
+                   f"token are peaks" + (f" (most frequent P tokens: {top})" if top else ""))
+    if res.n_clusters < 10:
+        out.append(f"only {res.n_clusters} prompts: the bootstrap interval is rough")
+    return out
 
 
 def _group(correct: bool | None) -> str:
@@ -483,22 +665,31 @@ STAT_LABELS = {
     "spearman": "Spearman ρ(H, MI), mean per trace",
     "auroc": "AUROC of H for P",
 }
-SHARED_P = ("Precision, recall, Jaccard, odds ratio and lift share one p-value: a shift "
-            "keeps |E|, |P| and n, so each is a function of |E∩P| alone.")
+SHARED_P = ("Precision, recall, Jaccard, odds ratio and lift share one p-value (one test): "
+            "a shift keeps |E|, |P| and n, so each is a function of |E∩P| alone. p-values "
+            "are two-sided; tail: the side of the null the observed value lies on.")
+PRIMARY_TEXT = (
+    "Stated before any number: per model × estimator, the Mantel-Haenszel odds ratio of E "
+    f"× P over trace × relative-position-bin strata ({inf.POSITION_BINS} bins), so a "
+    "token is compared only with tokens of the same trace at a similar place in it; "
+    "greedy and sampled traces are never pooled except through these strata. 95% "
+    "interval: percentile bootstrap over prompts, E's threshold refitted in each resample. "
+    "p: Cochran-Mantel-Haenszel test (null: P independent of E within each stratum), "
+    "two-sided, Holm-adjusted across the primary endpoints. Verdict: enriched or depleted "
+    "only when the adjusted p < 0.05 and the interval excludes 1. Everything else in the "
+    "report is secondary (Benjamini-Hochberg across all secondary tests).")
 TABLE_NAMES = {"high": "E", "peak": "P", "both": "E∩P", "peak_only": "P only",
                "high_only": "E only"}
 
 
 def fmt(v: Any, digits: int = 3) -> str:
+    if isinstance(v, (float, np.floating)) and math.isinf(v):
+        return "∞" if v > 0 else "-∞"
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "—"
     if isinstance(v, (int, np.integer)):
         return f"{int(v):,}"
     return f"{v:.{digits}f}"
-
-
-def fmt_p(p: float | None) -> str:
-    return "—" if p is None or not math.isfinite(p) else f"{p:.4f}"
 
 
 def fmt_ci(est: ov.Estimate, digits: int = 3) -> str:
@@ -528,6 +719,128 @@ def _entropy_rows(report: Any, escape: Callable[[str], str]) -> list[list[str]]:
                      fmt(m.entropy["fraction_below"]), fmt(m.entropy["fraction_above_wang"]),
                      fmt(thr), fmt(m.n_high)])
     return rows
+
+
+def fmt_p2(p: float | None) -> str:
+    """A p-value: 4 decimals, "< 0.0001" below that."""
+    if p is None or not math.isfinite(p):
+        return "—"
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def fmt_interval(ci: Any, digits: int = 2) -> str:
+    """[lo, hi]; an odds ratio's end may be 0 or ∞ (every resample without, or with
+    only, concordant pairs)."""
+    lo, hi = (ci or [None, None])[:2]
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return "—"
+    return f"[{fmt(float(lo), digits)}, {fmt(float(hi), digits)}]"
+
+
+PRIMARY_HEADERS = ["model", "estimator", "traces", "prompts", "positions", "|E∩P|",
+                   "expected (trace)", "expected (trace × position)", "OR (MH)", "95% CI",
+                   "p (two-sided)", "p (Holm)", "verdict"]
+
+
+def _primary_table(report: Report, escape: Callable[[str], str]) -> list[list[str]]:
+    rows = []
+    for r in report.primary_rows:
+        res, prim = r.result, r.result.primary
+        ch = res.inference.get("chance", {})
+        rows.append([escape(r.model), escape(r.estimator), fmt(res.n_traces),
+                     fmt(res.n_clusters), fmt(res.n_positions), fmt(res.n_both),
+                     _expected(ch.get("within_trace_expected_overlap"),
+                               ch.get("within_trace_null_sd")),
+                     _expected(prim.get("null_mean_overlap"), prim.get("null_sd_overlap")),
+                     fmt(prim.get("estimate"), 2), fmt_interval(prim.get("ci")),
+                     fmt_p2(prim.get("p_two_sided")), fmt_p2(prim.get("adjusted_p")),
+                     escape(r.verdict.word if r.verdict else "—")])
+    return rows
+
+
+def _expected(mean: float | None, sd: float | None) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "—"
+    return f"{mean:.1f} ± {sd:.1f}" if sd is not None and math.isfinite(sd) else f"{mean:.1f}"
+
+
+CONTROL_HEADERS = ["statistic", "control", "estimate", "95% CI", "|E∩P| expected under null",
+                   "p (two-sided)", "tail", "p (adjusted)", "null"]
+_CONTROL_LABELS = {
+    "mh_trace": ("odds ratio (MH)", "within trace"),
+    "mh_trace_position": ("odds ratio (MH)", "within trace × position bin (primary)"),
+    "mh_trace_class": ("odds ratio (MH)", "within trace × token class"),
+    "mh_trace_position_class": ("odds ratio (MH)", "within trace × position × token class"),
+    "spearman_partial_position": ("Spearman ρ(H, MI)", "position removed (partial, per trace)"),
+    "auroc_within_trace": ("AUROC of H for P", "within trace (mean over traces)"),
+}
+
+
+def control_rows(res: ov.OverlapResult) -> list[list[str]]:
+    """Raw statistics and their controlled versions side by side: what each control
+    removes is the difference between consecutive rows."""
+    st, ctl = res.stats, res.controls
+    shift = "circular shift of MI within each trace"
+    pooled = res.n_high * res.n_peaks / res.n_positions if res.n_positions else math.nan
+    rows = [["odds ratio (pooled 2×2)", "none (raw)", fmt(st["odds_ratio"].value, 2),
+             fmt_ci(st["odds_ratio"], 2), _expected(pooled, None),
+             fmt_p2(st["odds_ratio"].p), st["odds_ratio"].tail or "—",
+             fmt_p2(st["odds_ratio"].p_adj), shift]]
+    for key in ("mh_trace", "mh_trace_position", "mh_trace_class", "mh_trace_position_class"):
+        c = ctl.get(key)
+        if not c:
+            continue
+        tail = "—"
+        if c.get("observed") is not None and c.get("expected") is not None:
+            tail = "upper" if c["observed"] >= c["expected"] else "lower"
+        rows.append([*_CONTROL_LABELS[key], fmt(c.get("estimate"), 2), fmt_interval(c.get("ci")),
+                     _expected(c.get("expected"), c.get("null_sd")),
+                     fmt_p2(c.get("p_two_sided")), tail, fmt_p2(c.get("adjusted_p")),
+                     c["null"]])
+    for raw, key in (("spearman", "spearman_partial_position"),
+                     ("auroc", "auroc_within_trace")):
+        e = st[raw]
+        rows.append([STAT_LABELS[raw], "none (raw)" if raw == "spearman" else
+                     "none (pooled over traces)", fmt(e.value), fmt_ci(e), "—",
+                     fmt_p2(e.p), e.tail or "—", fmt_p2(e.p_adj), shift])
+        c = ctl.get(key, {})
+        rows.append([*_CONTROL_LABELS[key], fmt(c.get("estimate")),
+                     fmt_interval(c.get("ci"), 3), "—", fmt_p2(c.get("p_two_sided")), "—",
+                     fmt_p2(c.get("adjusted_p")), c.get("null", "—")])
+    return rows
+
+
+STRATA_HEADERS = ["model", "estimator", "sampling", "traces", "positions", "|E|", "|P|",
+                  "|E∩P|", "expected (trace × position)", "OR (MH)", "95% CI",
+                  "p (two-sided)", "p (BH)"]
+
+
+def _strata_rows(report: Report, escape: Callable[[str], str]) -> list[list[str]]:
+    rows = []
+    for r in report.strata:
+        res, prim = r.result, r.result.primary
+        rows.append([escape(r.model), escape(r.estimator),
+                     escape(r.group.removeprefix("setting: ")), fmt(res.n_traces),
+                     fmt(res.n_positions), fmt(res.n_high), fmt(res.n_peaks), fmt(res.n_both),
+                     _expected(prim.get("null_mean_overlap"), prim.get("null_sd_overlap")),
+                     fmt(prim.get("estimate"), 2), fmt_interval(prim.get("ci")),
+                     fmt_p2(prim.get("p_two_sided")), fmt_p2(prim.get("adjusted_p"))])
+    return rows
+
+
+def _chance_line(res: ov.OverlapResult) -> str:
+    """The observed overlap beside what independence within traces would give."""
+    exp = res.expected_both
+    if not math.isfinite(exp) or not res.n_peaks:
+        return ""
+    ch = res.inference.get("chance", {})
+    sd = ch.get("within_trace_null_sd")
+    lift = res.n_both / exp if exp > 0 else math.nan
+    return (f"|E∩P| = {res.n_both:,} against {_expected(exp, sd)} expected if E and P "
+            f"were independent within each trace (chance precision "
+            f"{exp / res.n_peaks:.3f}, lift over it {fmt(lift, 2)}); the pooled base rate "
+            f"|E|/n = {fmt(res.stats['base_rate'].value)} is no chance level when traces' "
+            "E rates differ.")
 
 
 def _lag_rows(res: Any) -> list[list[str]]:
@@ -566,11 +879,20 @@ def settings_lines(report: Report) -> list[tuple[str, str]]:
         ("peak set P", f"{s.peaks.label}: {s.peaks.definition}, per trace"),
         ("MI", "latest complete run per trace × estimator × model; positions without an MI "
                "value left out of MI statistics"),
-        ("95% intervals", f"bootstrap over traces, {s.bootstrap} resamples, seed {s.seed}, "
-                          "percentile method; E's threshold and the peaks held as in the "
-                          "full sample"),
-        ("null", f"MI circularly shifted within each trace, {s.null} shifts, seed {s.seed}; "
-                 "p one-sided = (1 + #null ≥ observed) / (1 + shifts)"),
+        ("95% intervals", f"bootstrap over prompts (a prompt's traces together), "
+                          f"{s.bootstrap} resamples, seed {s.seed}, percentile method; the "
+                          "primary endpoint refits E's threshold in each resample, the "
+                          "secondary statistics hold it and the peaks as in the full sample; "
+                          "resamples where a statistic is undefined are counted and left "
+                          "out"),
+        ("null (raw statistics)", f"MI circularly shifted within each trace, {s.null} shifts, "
+                                  f"seed {s.seed}; p two-sided = min(1, 2 × the smaller of "
+                                  "(1 + #null ≥ observed) / (1 + shifts) and its ≤ twin)"),
+        ("null (controls)", "P independent of E within strata (trace; trace × position bin; "
+                            "× token class): Cochran-Mantel-Haenszel, two-sided; partial "
+                            "Spearman and within-trace AUROC: t-test over prompt means"),
+        ("multiplicity", "Holm across primary endpoints; Benjamini-Hochberg across all "
+                         "secondary p-values of the report"),
         ("split", "by answer correctness" if s.by == "correct" else "none"),
     ]
 
@@ -608,6 +930,15 @@ def render_markdown(report: Report) -> str:
     L += [f"High-entropy tokens (E) against MI peaks (P), per model × estimator, over "
           f"{report.n_traces:,} traces of `{_md(report.database)}`. "
           f"forkview {report.version}.", ""]
+    if report.primary_rows:
+        L += ["## Verdict", ""]
+        for r in report.primary_rows:
+            assert r.verdict is not None
+            L += [f"- **{_md(r.verdict.word)}**: {_md(r.verdict.sentence)}"]
+            L += [f"  - caveat: {_md(c)}" for c in r.verdict.caveats]
+        L += ["", "## Primary endpoint", "", _md(PRIMARY_TEXT), ""]
+        L += _md_table(PRIMARY_HEADERS, _primary_table(report, _md), "ll" + "r" * 10 + "l")
+        L += [""]
     L += ["## Settings", ""]
     L += _md_table(["setting", "value"], [[k, _md(v)] for k, v in settings_lines(report)], "ll")
     for note in report.notes:
@@ -633,6 +964,10 @@ def render_markdown(report: Report) -> str:
                         "Spearman", "AUROC"], rows, "lll" + "r" * 10)
         L += ["", "positions: tokens with an MI value (the only ones MI statistics use); "
               "peak rate: mean over traces of |P|/n."]
+    if report.strata:
+        L += ["", "## Strata: sampling settings", "",
+              "Each sampling setting on its own (secondary; Benjamini-Hochberg adjusted)."]
+        L += ["", *_md_table(STRATA_HEADERS, _strata_rows(report, _md), "lll" + "r" * 10)]
     for r in report.rows:
         L += _md_row(r)
     if report.comparisons:
@@ -655,12 +990,14 @@ def _md_row(r: ReportRow) -> list[str]:
     L += [f"{res.n_traces:,} traces, {res.n_positions:,} positions with MI, |E| = "
           f"{res.n_high:,}, |P| = {res.n_peaks:,}, |E∩P| = {res.n_both:,}; Spearman over "
           f"{res.spearman_traces:,} traces; runs: {runs or '—'}.", ""]
-    rows = []
-    for name in ov.STAT_NAMES:
-        est = res.stats[name]
-        d = _digits(name)
-        rows.append([_md(STAT_LABELS[name]), fmt(est.value, d), fmt_ci(est, d), fmt_p(est.p)])
-    L += _md_table(["statistic", "value", "95% CI", "p (shift null)"], rows)
+    chance = _chance_line(res)
+    if chance:
+        L += [_md(chance), ""]
+    L += ["Controls (raw and controlled side by side):", ""]
+    L += _md_table(CONTROL_HEADERS, [[_md(c) for c in row] for row in control_rows(res)],
+                   "ll" + "r" * 6 + "l")
+    L += ["", "Raw statistics (secondary):", ""]
+    L += _md_table(STAT_HEADERS, [[_md(c) for c in row] for row in _stat_rows(res)])
     L += ["", SHARED_P]
     L += ["", "Lag profile (E at t, P at t + lag):", ""]
     L += _md_table(LAG_HEADERS, _lag_rows(res))
@@ -669,6 +1006,27 @@ def _md_row(r: ReportRow) -> list[str]:
         rows = _token_rows(res, lambda text, n: f"{_md_code(token_repr(text))} {n}")
         L += _md_table(list(TABLE_NAMES.values()), rows, "lllll")
     return L
+
+
+STAT_HEADERS = ["statistic", "value", "95% CI", "null mean ± sd", "p (two-sided)", "tail",
+                "p (BH)"]
+
+
+def _stat_rows(res: ov.OverlapResult) -> list[list[str]]:
+    rows = []
+    for name in ov.STAT_NAMES:
+        est = res.stats[name]
+        d = _digits(name)
+        rows.append([STAT_LABELS[name], fmt(est.value, d), fmt_ci(est, d),
+                     _null_text(est, d), fmt_p2(est.p), est.tail or "—", fmt_p2(est.p_adj)])
+    return rows
+
+
+def _null_text(est: ov.Estimate, digits: int) -> str:
+    if est.null_mean is None or not math.isfinite(est.null_mean):
+        return "—"
+    sd = est.null_sd if est.null_sd is not None and math.isfinite(est.null_sd) else math.nan
+    return f"{est.null_mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def _ci(lo: float, hi: float) -> str:
@@ -706,10 +1064,10 @@ def render_csv(report: Report) -> str:
     fields = ["model", "model_id", "estimator", "group", "n_traces", "n_positions", "n_high",
               "n_peaks", "n_both", "spearman_traces", "peak_rate_mean"]
     for name in ov.STAT_NAMES:
-        fields += [name, f"{name}_lo", f"{name}_hi", f"{name}_p"]
+        fields += [name, f"{name}_lo", f"{name}_hi", f"{name}_p", f"{name}_p_adjusted"]
     for lag in ov.LAGS:
         fields += [f"lag{lag:+d}_precision", f"lag{lag:+d}_jaccard"]
-    fields += list(CSV_SETTINGS)
+    fields += list(CSV_PRIMARY) + list(CSV_SETTINGS)
     settings = {"entropy_scope": s.entropy.scope, "rho": s.entropy.rho,
                 "entropy_threshold": s.entropy.threshold, "peak_rule": s.peaks.name,
                 "peak_param": s.peaks.param, "bootstrap": s.bootstrap, "null": s.null,
@@ -719,7 +1077,7 @@ def render_csv(report: Report) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
-    for r in report.rows:
+    for r in report.rows + report.strata:
         res = r.result
         row: dict[str, Any] = {
             "model": r.model, "model_id": r.model_id, "estimator": r.estimator,
@@ -731,12 +1089,35 @@ def render_csv(report: Report) -> str:
             est = res.stats[name]
             row.update({name: _csv_num(est.value), f"{name}_lo": _csv_num(est.lo),
                         f"{name}_hi": _csv_num(est.hi), f"{name}_p": _csv_num(est.p)})
+            row[f"{name}_p_adjusted"] = _csv_num(est.p_adj)
         for lag in res.lags:
             row[f"lag{lag['lag']:+d}_precision"] = _csv_num(lag["precision"])
             row[f"lag{lag['lag']:+d}_jaccard"] = _csv_num(lag["jaccard"])
+        prim, ctl = res.primary, res.controls
+        row.update({
+            "expected_both_within_trace": _csv_num(res.expected_both),
+            "primary_statistic": prim.get("statistic", ""),
+            "primary_estimate": _csv_num(prim.get("estimate")),
+            "primary_lo": _csv_num((prim.get("ci") or [None])[0]),
+            "primary_hi": _csv_num((prim.get("ci") or [None, None])[1]),
+            "primary_p_two_sided": _csv_num(prim.get("p_two_sided")),
+            "primary_p_adjusted": _csv_num(prim.get("adjusted_p")),
+            "verdict": r.verdict.word if r.verdict else "",
+            **{f"{k}_estimate": _csv_num(ctl.get(k, {}).get("estimate")) for k in CONTROL_KEYS},
+            **{f"{k}_p_two_sided": _csv_num(ctl.get(k, {}).get("p_two_sided"))
+               for k in CONTROL_KEYS},
+        })
         row.update(settings)
         w.writerow(row)
     return buf.getvalue()
+
+
+CONTROL_KEYS = ("mh_trace", "mh_trace_position", "mh_trace_class", "mh_trace_position_class",
+                "spearman_partial_position", "auroc_within_trace")
+CSV_PRIMARY = ("expected_both_within_trace", "primary_statistic", "primary_estimate",
+               "primary_lo", "primary_hi", "primary_p_two_sided", "primary_p_adjusted",
+               "verdict", *(f"{k}_estimate" for k in CONTROL_KEYS),
+               *(f"{k}_p_two_sided" for k in CONTROL_KEYS))
 
 
 def _csv_num(v: float | None) -> Any:
@@ -904,6 +1285,52 @@ def svg_lags(lags: list[dict[str, Any]], base: float | None, label: str) -> str:
     return _svg(W, H, body, label)
 
 
+def svg_profile(prof: dict[str, Any], estimator: str, label: str) -> str:
+    """Mean entropy and mean MI by relative-position bin, each on its own axis."""
+    W, H, x0, y0, w, h = 440, 200, 50, 12, 330, 150
+    starts = prof["bin_start"]
+    n = len(starts)
+    body: list[str] = []
+
+    def series(values: list[float | None], colour: str, right: bool) -> None:
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return
+        lo, hi = min(vals), max(vals)
+        span = (hi - lo) or 1.0
+        pts = []
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            x = x0 + w * (i + 0.5) / n
+            y = y0 + h - h * (v - lo) / span
+            pts.append(f"{x:.1f},{y:.1f}")
+            body.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}">'
+                        f"<title>{_e(f'{starts[i]:.1f}: {v:.3g}')}</title></circle>")
+        body.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{colour}"/>')
+        ax = x0 + w if right else x0
+        anchor, dx = ("start", 6) if right else ("end", -6)
+        for k in range(3):
+            v = lo + span * k / 2
+            y = y0 + h - h * k / 2
+            body.append(f'<text x="{ax + dx}" y="{y + 3:.1f}" text-anchor="{anchor}" '
+                        f'style="fill:{colour}">{_e(f"{v:.3g}")}</text>')
+
+    series(prof["entropy"], "#1f77b4", right=False)
+    series(prof["mi"], "#ff7f0e", right=True)
+    body.append(f'<line x1="{x0}" y1="{y0 + h}" x2="{x0 + w}" y2="{y0 + h}" stroke="#333"/>')
+    for k in range(0, n + 1, max(1, n // 5)):
+        x = x0 + w * k / n
+        body.append(f'<text x="{x:.1f}" y="{y0 + h + 14}" text-anchor="middle">'
+                    f"{k / n:.1f}</text>")
+    body.append(f'<text x="{x0 + w / 2}" y="{y0 + h + 30}" text-anchor="middle">'
+                f"relative position in the trace</text>")
+    body.append(f'<text x="{x0 + 4}" y="{y0 + 10}" style="fill:#1f77b4">entropy</text>'
+                f'<text x="{x0 + w - 4}" y="{y0 + 10}" text-anchor="end" '
+                f'style="fill:#ff7f0e">MI ({_e(estimator)})</text>')
+    return _svg(W, H + 10, body, label)
+
+
 def render_html(report: Report) -> str:
     """A self-contained page: inline CSS and SVG, no script, every text escaped."""
     P: list[str] = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -913,7 +1340,21 @@ def render_html(report: Report) -> str:
                     f"<p>High-entropy tokens (E) against MI peaks (P), per model × estimator, "
                     f"over {report.n_traces:,} traces of <code>{_e(report.database)}</code>. "
                     f"forkview {_e(report.version)}.</p>",
-                    "<h2>Settings</h2>"]
+                    ]
+    if report.primary_rows:
+        P.append("<h2>Verdict</h2><ul>")
+        for r in report.primary_rows:
+            assert r.verdict is not None
+            cav = "".join(f"<li>caveat: {_e(c)}</li>" for c in r.verdict.caveats)
+            P.append(f"<li><strong>{_e(r.verdict.word)}</strong>: {_e(r.verdict.sentence)}"
+                     + (f"<ul>{cav}</ul>" if cav else "") + "</li>")
+        P.append("</ul><h2>Primary endpoint</h2>")
+        P.append(f"<p>{_e(PRIMARY_TEXT)}</p>")
+        P.append(_html_table(PRIMARY_HEADERS, [[_e(c) if i < 2 or i == 12 else c
+                                                for i, c in enumerate(row)]
+                                               for row in _primary_table(report, str)],
+                             left=2))
+    P.append("<h2>Settings</h2>")
     P.append(_html_table(["setting", "value"], [[_e(k), _e(v)] for k, v in
                                                 settings_lines(report)], left=2))
     for note in report.notes:
@@ -943,6 +1384,12 @@ def render_html(report: Report) -> str:
         P.append(_html_table(["model", "estimator", "group", "traces", "positions",
                               "peak rate", "precision", "recall", "Jaccard", "odds ratio",
                               "base rate", "Spearman", "AUROC"], rows, left=3))
+    if report.strata:
+        P.append("<h2>Strata: sampling settings</h2>")
+        P.append('<p class="note">Each sampling setting on its own (secondary; '
+                 "Benjamini-Hochberg adjusted).</p>")
+        P.append(_html_table(STRATA_HEADERS, [[_e(c) for c in row] for row in
+                                              _strata_rows(report, str)], left=3))
     for r in report.rows:
         P += _html_row(r)
     if report.comparisons:
@@ -967,12 +1414,14 @@ def _html_row(r: ReportRow) -> list[str]:
          f"<p>{res.n_traces:,} traces, {res.n_positions:,} positions with MI, |E| = "
          f"{res.n_high:,}, |P| = {res.n_peaks:,}, |E∩P| = {res.n_both:,}; Spearman over "
          f"{res.spearman_traces:,} traces; runs: {runs or '—'}.</p>"]
-    rows = []
-    for name in ov.STAT_NAMES:
-        est = res.stats[name]
-        d = _digits(name)
-        rows.append([_e(STAT_LABELS[name]), fmt(est.value, d), fmt_ci(est, d), fmt_p(est.p)])
-    P.append(_html_table(["statistic", "value", "95% CI", "p (shift null)"], rows))
+    chance = _chance_line(res)
+    if chance:
+        P.append(f"<p>{_e(chance)}</p>")
+    P.append("<h3>Controls (raw and controlled side by side)</h3>")
+    P.append(_html_table(CONTROL_HEADERS, [[_e(c) for c in row] for row in control_rows(res)],
+                         left=2))
+    P.append("<h3>Raw statistics (secondary)</h3>")
+    P.append(_html_table(STAT_HEADERS, [[_e(c) for c in row] for row in _stat_rows(res)]))
     P.append(f'<p class="note">{_e(SHARED_P)}</p>')
     base = res.stats["base_rate"].value
     jac = [v for v in res.per_trace.get("jaccard", []) if isinstance(v, float)
@@ -984,6 +1433,14 @@ def _html_row(r: ReportRow) -> list[str]:
              + "<figcaption>Tokens by entropy and MI (count per cell, log colour scale; "
                "axes span the 0.5–99.5th percentiles, outliers in the edge cells)."
                "</figcaption></figure>")
+    prof = res.inference.get("position_profile")
+    if prof:
+        P.append("<figure>" + svg_profile(prof, r.estimator,
+                                          f"position trend, {r.model}, {r.estimator}")
+                 + "<figcaption>Mean entropy (blue, left axis) and mean MI (orange, right "
+                   "axis) by relative position in the trace: a trend both share makes them "
+                   "correlate without any link at the same token; the position control "
+                   "compares tokens only within the same bin.</figcaption></figure>")
     P.append("<figure>" + svg_lags(res.lags, base, f"lag profile, {r.model}, {r.estimator}")
              + "<figcaption>Overlap of E at t with P at t + lag, 95% bootstrap intervals; "
                "dashed: the precision E would have by chance.</figcaption></figure>")

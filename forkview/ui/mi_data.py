@@ -21,9 +21,11 @@ from store.db import MIRunInfo
 _HEADLINE = {"hsic": ("bandwidth",), "rollout": ("samples", "min_prob")}
 _USUAL: dict[str, dict[str, Any]] = {
     "hsic": {"layer": -1, "eps": 1e-5, "normalised": True, "reference": "auto"},
-    "answer-gain": {"cue": "\nFinal answer: ", "stride": 1, "reference": "auto"},
+    "answer-gain": {"cue": "\nFinal answer: ", "stride": 1, "reference": "auto",
+                    "boundary": "word"},
     "rollout": {"max_new_tokens": 256, "temperature": 1.0, "miller_madow": True, "seed": 0,
-                "answer_scope": "response", "keep_tokens": True},
+                "answer_scope": "response", "keep_tokens": True, "mixture_n": "kish",
+                "cut_off_answers": "explicit"},
 }
 _SHORT_NAMES = {"bandwidth": "σ", "samples": "S", "min_prob": "p>", "normalised": "norm",
                 "reference": "ref", "miller_madow": "MM", "max_new_tokens": "max",

@@ -32,9 +32,11 @@ from forkview.analysis.report import (
     ReportError,
     ReportSettings,
     build_report,
+    control_rows,
     fmt,
     fmt_ci,
-    fmt_p,
+    fmt_interval,
+    fmt_p2,
     report_options,
     token_repr,
 )
@@ -115,16 +117,59 @@ def _ci(lo: float, hi: float) -> str:
 
 
 def stats_table(row: Any) -> Table:
+    """The raw statistics (secondary): two-sided shift-null p and its adjusted value."""
     t = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
-    t.add_column("statistic")
+    t.add_column("statistic (raw)")
     t.add_column("value", justify="right")
     t.add_column("95% CI", justify="right")
     t.add_column("p", justify="right")
+    t.add_column("p adj", justify="right")
     for name, label in STAT_LABELS.items():
         est = row.result.stats[name]
         d = 2 if name in ("odds_ratio", "lift") else 3
-        t.add_row(label, fmt(est.value, d), fmt_ci(est, d), fmt_p(est.p))
+        t.add_row(label, fmt(est.value, d), fmt_ci(est, d), fmt_p2(est.p), fmt_p2(est.p_adj))
     return t
+
+
+# Short names for the controls at 80 columns ("|" reads "within", ★ the primary).
+_SHORT_CONTROL = {
+    "none (raw)": "raw", "none (pooled over traces)": "pooled",
+    "within trace": "| trace", "within trace × position bin (primary)": "| trace×pos ★",
+    "within trace × token class": "| trace×class",
+    "within trace × position × token class": "| trace×pos×class",
+    "position removed (partial, per trace)": "| position",
+    "within trace (mean over traces)": "| trace",
+}
+_SHORT_STAT = {"odds ratio": "OR", "Spearman": "ρ", "AUROC": "AUROC"}
+
+
+def controls_table(row: Any) -> Table:
+    """Raw and controlled statistics side by side, the primary endpoint (★) among them:
+    the report's controls table, with short names."""
+    t = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
+    for name, justify in (("statistic", "left"), ("value", "right"), ("95% CI", "right"),
+                          ("p", "right"), ("p adj", "right")):
+        t.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for cells in control_rows(row.result):
+        stat = next((v for k, v in _SHORT_STAT.items() if cells[0].startswith(k)), cells[0])
+        t.add_row(f"{stat} {_SHORT_CONTROL.get(cells[1], cells[1])}", cells[2], cells[3],
+                  cells[5], cells[7])
+    return t
+
+
+def verdict_text(row: Any) -> Text:
+    """The verdict line (word in bold, colour by direction) and its caveats."""
+    v = row.verdict
+    if v is None:
+        return Text("")
+    colour = {"enriched": "green", "depleted": "magenta"}.get(v.word, "yellow")
+    out = Text()
+    rest = v.sentence.split(": ", 1)[-1]  # without the model · estimator label
+    out.append(v.word, style=f"bold {colour}")
+    out.append(rest[len(v.word):] if rest.startswith(v.word) else ": " + rest)
+    for c in v.caveats:
+        out.append("\n  · " + c, style="dim")
+    return out
 
 
 def token_lines(row: Any, depth: int = 6) -> Table:
@@ -157,7 +202,10 @@ class ReportFailed(Message):
 
 
 # ---------------------------------------------------------------------- the screen
-SUMMARY_COLUMNS = ("model", "estimator", "n", "prec", "recall", "Jacc", "OR", "ρ", "AUROC")
+# The primary endpoint first (OR of E x P within trace x position bin, its interval,
+# Holm-adjusted p, verdict), then the raw and the position-controlled Spearman.
+SUMMARY_COLUMNS = ("model", "estimator", "n", "OR", "95% CI", "p adj", "verdict", "ρ",
+                   "ρ|pos")
 
 
 class ReportScreen(Screen[None]):
@@ -284,14 +332,16 @@ class ReportScreen(Screen[None]):
         table.clear(columns=True)
         table.add_columns(*SUMMARY_COLUMNS)
         for i, r in enumerate(self.report.rows):
-            s = r.result.stats
+            s, prim = r.result.stats, r.result.primary
+            part = r.result.controls.get("spearman_partial_position", {})
             # Narrow enough for 80 columns: names cut, the split folded into the estimator.
             est = r.estimator if r.group == "all" else f"{r.estimator}·{r.group}"
-            table.add_row(Text(_cut(r.model, 16)), Text(_cut(est, 18)),
-                          fmt(r.result.n_traces), fmt(s["precision"].value),
-                          fmt(s["recall"].value), fmt(s["jaccard"].value),
-                          fmt(s["odds_ratio"].value, 1), fmt(s["spearman"].value),
-                          fmt(s["auroc"].value), key=str(i))
+            word = r.verdict.word if r.verdict else "—"
+            table.add_row(Text(_cut(r.model, 14)), Text(_cut(est, 14)),
+                          fmt(r.result.n_traces), fmt(prim.get("estimate"), 2),
+                          fmt_interval(prim.get("ci")), fmt_p2(prim.get("adjusted_p")),
+                          Text(word), fmt(s["spearman"].value), fmt(part.get("estimate")),
+                          key=str(i))
         st = self.report.settings
         self.query_one("#report-status", Label).update(
             f"{self.report.n_traces:,} traces · E: {st.entropy.label} · P: {st.peaks.label} · "
@@ -333,7 +383,8 @@ class ReportScreen(Screen[None]):
         head = Text(f"{row.model} · {row.estimator} · {row.group}: {res.n_positions:,} "
                     f"positions with MI, |E| {res.n_high:,}, |P| {res.n_peaks:,}, "
                     f"|E∩P| {res.n_both:,}", style="bold")
-        stats.update(Group(head, stats_table(row)))
+        stats.update(Group(head, verdict_text(row), Text(""), controls_table(row), Text(""),
+                           stats_table(row)))
         plots.update(Group(Text(""), lag_plot(row), Text(""),
                            entropy_plot(self.report, row.model_id)))
         tokens.update(Group(Text(""), Text("most frequent tokens", style="bold"),

@@ -1,6 +1,10 @@
 """`answer-gain`: pointwise information gain of each token about the answer,
 g_t = log p(a | x_<=t, cue) - log p(a | x_<t, cue), teacher-forced (science.md §4;
-the computation, with KV-cache reuse, lives in models/answer_gain.py)."""
+the computation, with KV-cache reuse, lives in models/answer_gain.py).
+
+`boundary=word` (default) inserts the cue only between words: a word or number split
+into several tokens gets its whole gain at its last token and no value (None) at the
+others. `boundary=token` inserts it after every token, g_t at each position."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class AnswerGainEstimator(Estimator):
     defaults: ClassVar[dict[str, Any]] = {
         "cue": "\nFinal answer: ",
         "stride": 1,
+        "boundary": "word",  # word | token: where the cue may be inserted
         "reference": "auto",  # auto | answer | self (a worked solution is no answer)
     }
 
@@ -33,6 +38,8 @@ class AnswerGainEstimator(Estimator):
         if params["reference"] not in ("auto", "answer", "self"):
             raise ModelError(f"reference must be auto, answer or self, "
                              f"got '{params['reference']}'")
+        if params["boundary"] not in ("word", "token"):  # models.answer_gain.BOUNDARIES
+            raise ModelError(f"boundary must be word or token, got '{params['boundary']}'")
         params["cue"] = str(params["cue"]).replace("\\n", "\n")
         return params
 
@@ -49,7 +56,7 @@ class AnswerGainEstimator(Estimator):
         all_positions = len(positions) == len(trace.token_ids)
         result = answer_gain(
             lm, trace.prompt_ids, trace.token_ids, answer, cue=p["cue"],
-            stride=int(p["stride"]),
+            stride=int(p["stride"]), boundary=p["boundary"],
             positions=None if (all_positions or int(p["stride"]) > 1) else sorted(positions),
         )
         wanted = set(positions)

@@ -4,6 +4,16 @@ batched, cache-reusing computation lives in models/rollout.py).
 Each continuation is handed back as a child trace (fork position, forced token, its
 tokens from the fork on, extracted answer) for the caller to store, so the forks
 view can show them.
+
+Per-position details (``RolloutResult.details``; what ``store.mi_details`` returns):
+entropy, value_plugin, value_miller_madow, classes (None = the "no answer" class),
+mixture, alternatives [{token_id, text, prob, weight, emitted, counts, n_cut_off}], and
+since the second version n_choices (kept alternatives; < 2: ``no_choice`` is True and
+the stored value is 0.0 by construction, to be left out of comparisons with entropy),
+choice_entropy (H(p~), nats), value_normalised (value / choice_entropy, None when that
+is 0), mixture_n_eff (the mixture's Miller-Madow sample size), n_no_answer, n_cut_off
+and no_answer_class (index into classes, or None). Details of runs made before then
+lack these keys; their params lack mixture_n and cut_off_answers.
 """
 
 from __future__ import annotations
@@ -29,11 +39,17 @@ class RolloutEstimator(Estimator):
     defaults: ClassVar[dict[str, Any]] = {
         "samples": 8,
         "min_prob": 0.05,
+        # Sampled tokens after the forced one. A continuation must finish the response:
+        # the bundled arith problems' EOS-ended responses from the default 135M model run
+        # 18-160 tokens (mean 108) and most traces are longer than 160, so a fork early
+        # in a trace needs well over 128; sample_db's 32 left 1666 of 2020 cut off.
         "max_new_tokens": 256,
         "temperature": 1.0,
         "seed": 0,
         "miller_madow": True,
         "answer_scope": "response",  # or "continuation" (w + continuation only)
+        "mixture_n": "kish",  # mixture's Miller-Madow N: S / sum p~^2 ("total": S x alts)
+        "cut_off_answers": "explicit",  # cut-off rows keep only boxed / final-answer answers
         "keep_tokens": True,  # store each continuation's tokens (False: trace rows only)
     }
 
@@ -48,6 +64,11 @@ class RolloutEstimator(Estimator):
             raise ModelError(f"temperature must be positive, got {params['temperature']}")
         if params["answer_scope"] not in ("response", "continuation"):
             raise ModelError("answer_scope must be response or continuation")
+        if params["mixture_n"] not in ("kish", "total"):
+            raise ModelError(f"mixture_n must be kish or total, got {params['mixture_n']}")
+        if params["cut_off_answers"] not in ("explicit", "none", "any"):
+            raise ModelError("cut_off_answers must be explicit, none or any, got "
+                             f"{params['cut_off_answers']}")
         return params
 
     def run(self, lm: Any, trace: TraceData, positions: Sequence[int]) -> Iterator[EstimatorChunk]:
@@ -60,21 +81,11 @@ class RolloutEstimator(Estimator):
             max_new_tokens=int(p["max_new_tokens"]), temperature=float(p["temperature"]),
             seed=int(p["seed"]), miller_madow=bool(p["miller_madow"]),
             answer_scope=p["answer_scope"], annotate=bool(p["keep_tokens"]),
+            mixture_n=p["mixture_n"], cut_off_answers=p["cut_off_answers"],
             cancel=self.cancel,
         )
         for r in results:
-            detail = {
-                "entropy": r.entropy,
-                "value_plugin": r.value_plugin,
-                "value_miller_madow": r.value_miller_madow,
-                "classes": r.classes,
-                "mixture": r.mixture,
-                "alternatives": [
-                    {"token_id": a.token_id, "text": a.text, "prob": a.prob,
-                     "weight": a.weight, "emitted": a.emitted, "counts": a.counts}
-                    for a in r.alternatives
-                ],
-            }
+            detail = r.details()
             children = [
                 ChildTrace(fork_position=r.position, forced_token_ids=[a.token_id],
                            token_ids=c.token_ids, text=c.text, answer=c.answer,
