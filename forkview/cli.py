@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all, stratified or P1,P2,... (default: the estimator's own)")
     m.add_argument("--samples", type=_positive_int, default=None, metavar="S",
                    help="continuations per alternative (rollout)")
+    m.add_argument("--control", choices=["wrong-reference"], default=None,
+                   help="validity control (hsic, answer-gain): score each trace against "
+                   "another prompt's reference, as a run of its own that the report "
+                   "compares with the real one")
     _trace_model_options(m, "model to use (default: the model that made each trace)")
 
     f = sub.add_parser("fork", help="grow branches from a position of a saved trace")
@@ -438,6 +442,9 @@ def cmd_mi(args: argparse.Namespace) -> int:
     if args.samples is not None:
         params.append(f"samples={args.samples}")
     (est,) = _estimators([args.estimator], params)
+    if args.control and "reference" not in est.needs:
+        raise UsageError(f"--control {args.control} needs a reference-based estimator "
+                         f"(hsic, answer-gain), not {est.name}")
     # Everything is checked on a read-only open first: a bad trace id or position
     # leaves the file untouched (a writing open switches it to WAL mode).
     store = Store.open(args.db, readonly=True)
@@ -466,6 +473,7 @@ def cmd_mi(args: argparse.Namespace) -> int:
                 task = bar.add_task(f"trace {info.id} {est.name}", total=None)
                 summary = run_estimator(
                     lm, store, info.id, est, args.positions, model_id=model_id,
+                    control=args.control,
                     progress=lambda done, total, task=task: bar.update(
                         task, completed=done, total=total),
                 )

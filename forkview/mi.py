@@ -130,6 +130,29 @@ def run_params(store: Store, trace_id: int, estimator: Estimator,
     return params
 
 
+CONTROLS = ("wrong-reference",)
+
+
+def wrong_reference(store: Store, trace_id: int, estimator: Estimator,
+                    data: TraceData) -> tuple[TraceData, dict[str, Any]]:
+    """The trace with another prompt's reference (store.other_reference) in place of
+    its own, and the run parameters that mark the run as this control. A reference-based
+    estimator whose series and peaks barely change measures something other than
+    information about the answer (science.md §6: hsic correlates 0.98-0.99)."""
+    import dataclasses
+
+    if "reference" not in estimator.needs:
+        raise ModelError(f"the wrong-reference control needs a reference-based estimator "
+                         f"(hsic, answer-gain), not {estimator.name}")
+    other = store.other_reference(trace_id)
+    if other is None:
+        raise ModelError(f"trace {trace_id}: no other prompt with a different reference "
+                         "answer to use as the wrong reference")
+    pid, answer, solution = other
+    swapped = dataclasses.replace(data, reference_answer=answer, reference_solution=solution)
+    return swapped, {"control": "wrong-reference", "reference_prompt_id": pid}
+
+
 def run_estimator(
     lm: LoadedModel,
     store: Store,
@@ -140,12 +163,20 @@ def run_estimator(
     model_id: int | None = None,
     cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
+    control: str | None = None,
 ) -> MIRunSummary:
-    """Compute (or finish) one estimator run on one saved trace."""
+    """Compute (or finish) one estimator run on one saved trace. `control`
+    "wrong-reference" scores it against another prompt's reference (a run of its own,
+    marked in its params; reports keep it apart from the real runs)."""
     data = trace_data(store, trace_id)
+    params = run_params(store, trace_id, estimator, lm)
+    if control is not None:
+        if control not in CONTROLS:
+            raise ModelError(f"unknown control {control!r} (use {', '.join(CONTROLS)})")
+        data, extra = wrong_reference(store, trace_id, estimator, data)
+        params.update(extra)
     wanted = resolve_positions(positions, estimator.default_positions, data.entropies)
-    run_id, done = store.open_mi_run(trace_id, estimator.name,
-                                     run_params(store, trace_id, estimator, lm), model_id)
+    run_id, done = store.open_mi_run(trace_id, estimator.name, params, model_id)
     todo = [p for p in wanted if p not in done]
     finished = len(wanted) - len(todo)
     if progress:

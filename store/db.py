@@ -737,6 +737,29 @@ class Store:
             return int(conn.exec_driver_sql("SELECT COUNT(*) FROM traces").scalar() or 0)
 
     # ------------------------------------------------------------------ batches and rescoring
+    def other_reference(self, trace_id: int) -> tuple[int, str | None, str | None] | None:
+        """Another prompt's reference, for the wrong-reference control of an MI estimator:
+        (prompt id, reference answer, reference solution) of the next prompt after this
+        trace's by id (cyclically) in the same prompt set (all prompts when it has none)
+        whose reference answer differs from this one's; None if there is none."""
+        with self.engine.connect() as conn:
+            own = conn.exec_driver_sql(
+                "SELECT p.id, p.source_set, p.reference_answer FROM traces t JOIN prompts p "
+                "ON p.id = t.prompt_id WHERE t.id = ?", (int(trace_id),)).fetchone()
+            if own is None:
+                return None
+            pid, pset, answer = own
+            rows = conn.exec_driver_sql(
+                "SELECT id, reference_answer, reference_solution FROM prompts "
+                "WHERE reference_answer IS NOT NULL AND id != ? AND "
+                "(source_set IS ? OR ? IS NULL) ORDER BY id", (pid, pset, pset)).fetchall()
+        rows = [r for r in rows if (r[1] or "").strip() != (answer or "").strip()]
+        if not rows:
+            return None
+        after = [r for r in rows if r[0] > pid]
+        r = (after or rows)[0]
+        return int(r[0]), r[1], r[2]
+
     def model_row(self, model_id: int) -> dict[str, Any] | None:
         """A models row as a dict (None if there is no such row)."""
         with self.engine.connect() as conn:

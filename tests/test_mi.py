@@ -224,3 +224,54 @@ def test_cancelled_rollout_keeps_finished_positions_and_resumes(saved_trace, tin
     final = store.mi_values(second.run_id)
     assert set(final) == {1, 2, 5}
     assert {k: final[k] for k in kept} == kept  # finished values untouched
+
+
+def test_wrong_reference_control_is_a_run_of_its_own_that_the_report_compares(
+        tiny_lm, tiny_model_dir, db_path, capsys):
+    """`mi --control wrong-reference` scores a trace against another prompt's reference
+    (a different answer), stores it beside the real run, and the report keeps it out of
+    the overlap and compares it with the real run instead."""
+    from forkview.analysis.report import ReportSettings, build_report
+
+    store = Store.open(db_path)
+    ids = [annotate_prompt(tiny_lm, store, f"What is {a} + {b}?",
+                           GenerationParams(max_new_tokens=16), answer=str(a + b),
+                           solution=f"{a} + {b} = {a + b}.", source_set="s").trace_id
+           for a, b in ((3, 5), (2, 2), (1, 6))]
+    store.close()
+    db = ["--db", str(db_path), "--model", str(tiny_model_dir)]
+    assert main(["mi", *db, "--all", "--estimator", "answer-gain"]) == 0
+    assert main(["mi", *db, "--all", "--estimator", "answer-gain",
+                 "--control", "wrong-reference"]) == 0
+    assert main(["mi", *db, "--all", "--estimator", "rollout",
+                 "--control", "wrong-reference"]) == 2
+    assert "reference-based" in capsys.readouterr().err
+    store = Store.open(db_path, readonly=True)
+    try:
+        runs = store.mi_runs(ids[0])
+        (ctl,) = [r for r in runs if r.params.get("control") == "wrong-reference"]
+        # the next prompt of the same set with another answer: "2 + 2"'s
+        assert ctl.params["reference_prompt_id"] == store.trace(ids[1]).prompt_id
+        assert ctl.info["answer"] != "8"
+        report = build_report(store, ReportSettings(bootstrap=20, null=20))
+    finally:
+        store.close()
+    (row,) = [r for r in report.rows if r.group == "all"]
+    assert all("control" not in p["params"] for p in row.params)
+    (c,) = report.reference_controls
+    assert c["estimator"] == "answer-gain" and c["n_traces"] == 3
+    assert isinstance(c["not_reference_specific"], bool)
+
+
+def test_other_reference_picks_the_next_prompt_with_another_answer(db_path):
+    store = Store.open(db_path)
+    m = store.upsert_model(name="m", spec="m", kind="dir", dtype="float32", device="cpu")
+    prompts = [store.add_prompt(f"p{i}", reference_answer=a, source_set="s")
+               for i, a in enumerate(["1", "1", "2"])]
+    lone = store.add_prompt("q", reference_answer="9", source_set="other")
+    tids = [store.start_trace(model_id=m, prompt_id=p, prompt_token_ids=[1],
+                              params=GenerationParams()) for p in [*prompts, lone]]
+    assert store.other_reference(tids[0])[0] == prompts[2]  # skips the same answer
+    assert store.other_reference(tids[2])[0] == prompts[0]  # wraps around
+    assert store.other_reference(tids[3]) is None  # alone in its set
+    store.close()

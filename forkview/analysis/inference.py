@@ -542,3 +542,22 @@ def infer(trace: np.ndarray, entropy: np.ndarray, mi: np.ndarray, high: np.ndarr
                                                    "ci": [boot.lo, boot.hi]},
             "controls": controls, "chance": chance,
             "position_profile": position_profile(pbin, entropy, mi)}
+
+
+def set_association(a: np.ndarray, b: np.ndarray, trace: np.ndarray,
+                    n_traces: int) -> dict[str, Any]:
+    """Two sets over the same positions (two estimators' peaks, or one estimator's peaks
+    with the right and the wrong reference), against chance within each trace: the
+    overlap, its expectation sum_i |A_i||B_i|/n_i, the share of A also in B against
+    that expectation, and the MH odds ratio over traces with its CMH p."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    tab = mantel_haenszel(stratum_cells(a, b, trace, n_traces))
+    na, nb, both = int(a.sum()), int(b.sum()), int((a & b).sum())
+    union = na + nb - both
+    return {"n_positions": len(a), "n_a": na, "n_b": nb, "n_both": both,
+            "expected_both": _num(tab.expected) if tab.strata else None,
+            "jaccard": both / union if union else None,
+            "a_in_b": both / na if na else None,
+            "a_in_b_chance": (tab.expected / na) if na and tab.strata else None,
+            "odds_ratio": tab.estimate, "ci": [tab.ci[0], tab.ci[1]],
+            "p_two_sided": _num(tab.p)}

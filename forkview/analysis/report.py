@@ -164,6 +164,8 @@ class Report:
     comparisons: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
     strata: list[ReportRow] = field(default_factory=list)  # per sampling setting
+    between_estimators: list[dict[str, Any]] = field(default_factory=list)
+    reference_controls: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"forkview_version": self.version, "database": self.database,
@@ -175,6 +177,8 @@ class Report:
                 "models": [m.to_json() for m in self.models],
                 "rows": [r.to_json() for r in self.rows],
                 "strata": [r.to_json() for r in self.strata],
+                "between_estimators": self.between_estimators,
+                "reference_controls": self.reference_controls,
                 "comparisons": self.comparisons, "notes": self.notes}
 
     @property
@@ -360,10 +364,13 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
                       "WHERE status = 'complete' ORDER BY id")
     total_runs = len(run_rows)
     latest: dict[tuple[int, str, int], tuple[int, str]] = {}
+    controls: dict[tuple[int, str, int], tuple[int, str]] = {}  # wrong-reference runs
     for rid, trace_id, est, params, mid in run_rows:
         if trace_id in gen_of:
             scorer = int(mid) if mid is not None else gen_of[trace_id]
-            latest[(int(trace_id), est, scorer)] = (int(rid), params)
+            # a validity control (forkview mi --control) is never the trace's MI
+            target = controls if json.loads(params).get("control") else latest
+            target[(int(trace_id), est, scorer)] = (int(rid), params)
     available = sorted({k[1] for k in latest})
     if settings.estimators:
         missing = [e for e in settings.estimators if e not in available]
@@ -375,6 +382,9 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
     else:
         estimators = available
     chosen = {k: v for k, v in latest.items() if k[1] in estimators}
+    # the controls ride along under their own slot name, "<estimator>|wrong-reference"
+    chosen.update({(k[0], f"{k[1]}{_CONTROL_SLOT}", k[2]): v for k, v in controls.items()
+                   if k[1] in estimators})
     mi_by: dict[tuple[str, int], np.ndarray] = {}  # (estimator, model) -> values per token
     no_choice_by: dict[tuple[str, int], int] = {}  # rollout positions left out
     runs_used: dict[tuple[str, int], Counter[str]] = {}
@@ -397,7 +407,8 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
         for (trace_id, est, scorer), (rid, params) in chosen.items():
             lut_trace[rid] = trace_id
             lut_slot[rid] = slot_of[(est, scorer)]
-            runs_used.setdefault((est, scorer), Counter())[params] += 1
+            if not est.endswith(_CONTROL_SLOT):
+                runs_used.setdefault((est, scorer), Counter())[params] += 1
         v_key = _key(lut_trace[v_run], v_pos, span)
         at = np.minimum(np.searchsorted(key, v_key), len(key) - 1)
         found = (key[at] == v_key) & (v_pos < span)
@@ -495,12 +506,15 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
                 (strata_out if g.startswith("setting: ") else rows_out).append(row)
 
     comparisons = _comparisons(scorer_ids, views, mi_by, estimators, tid, settings, models)
+    between, ref_controls = _estimator_checks(scorer_ids, views, mi_by, estimators, tid,
+                                              settings, models)
     notes = []
     if not estimators:
         notes.append("no complete MI runs on the selected traces: entropy only")
     report = Report(settings=settings, version=forkview_version(), database=database,
                     n_traces=len(sel.ids), models=summaries, rows=rows_out,
-                    comparisons=comparisons, notes=notes, strata=strata_out)
+                    comparisons=comparisons, notes=notes, strata=strata_out,
+                    between_estimators=between, reference_controls=ref_controls)
     conclude(report)
     return report
 
@@ -563,14 +577,18 @@ def conclude(report: Report) -> None:
             _pnum(r.result.primary.get("estimate")),
             (_pnum(r.result.primary["ci"][0]), _pnum(r.result.primary["ci"][1])),
             _pnum(r.result.primary.get("adjusted_p")),
-            label=f"{r.model} · {r.estimator}", caveats=_caveats(r, n_settings))
+            label=f"{r.model} · {r.estimator}",
+            caveats=_caveats(r, n_settings, lambda row: [
+                c for c in report.reference_controls
+                if c["model_id"] == row.model_id and c["estimator"] == row.estimator]))
 
 
 def _pnum(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
-def _caveats(r: ReportRow, all_settings: list[str]) -> list[str]:
+def _caveats(r: ReportRow, all_settings: list[str],
+             report_controls: Callable[[ReportRow], list[dict[str, Any]]]) -> list[str]:
     res = r.result
     out = []
     if len(r.settings) > 1:
@@ -602,6 +620,13 @@ def _caveats(r: ReportRow, all_settings: list[str]) -> list[str]:
                    f"{both.get('estimate') or math.nan:.2f} within trace × position × token "
                    f"class, adjusted p {both['adjusted_p']:.4f}): it goes with which kinds of "
                    f"token are peaks" + (f" (most frequent P tokens: {top})" if top else ""))
+    for c in report_controls(r):
+        if c["not_reference_specific"]:
+            out.append(f"not reference-specific: with another prompt's reference the series "
+                       f"correlates {c['series_spearman']:.2f} with the real one and "
+                       f"{c['a_in_b']:.0%} of its peaks stay (chance "
+                       f"{(c['a_in_b_chance'] or 0):.0%}): it measures something other "
+                       "than information about the answer")
     if res.n_clusters < 10:
         out.append(f"only {res.n_clusters} prompts: the bootstrap interval is rough")
     return out
@@ -640,6 +665,67 @@ def _comparisons(scorer_ids: list[int], views: dict[int, tuple[np.ndarray, np.nd
                     out.append({**base, "what": f"peaks: {est}", "rule": settings.peaks.label,
                                 **agree})
     return out
+
+
+_CONTROL_SLOT = "|wrong-reference"
+# An estimator is flagged as not reference-specific when, with another prompt's
+# reference, its series still correlates this much with the real one and this share of
+# its peaks stays put (hsic on sample_db: 0.98-0.99, science.md §6).
+REFERENCE_FLAG = {"spearman": 0.9, "peaks_kept": 0.5}
+
+
+def _estimator_checks(scorer_ids: list[int], views: dict[int, tuple[np.ndarray, np.ndarray]],
+                      mi_by: dict[tuple[str, int], np.ndarray], estimators: list[str],
+                      tid: np.ndarray, settings: ReportSettings,
+                      models: dict[int, tuple[str, str]]
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Agreement between estimators' peaks (same model, same tokens) and each
+    estimator's wrong-reference control, both against chance within traces."""
+    between, controls = [], []
+
+    def sets(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> tuple[Any, ...] | None:
+        ok = np.isfinite(x[idx]) & np.isfinite(y[idx])
+        if not ok.any():
+            return None
+        t, _ = ov.compact(tid[idx][ok])
+        n_tr = int(t.max()) + 1
+        return (t, n_tr, x[idx][ok], y[idx][ok],
+                ov.peak_mask(x[idx][ok], t, settings.peaks),
+                ov.peak_mask(y[idx][ok], t, settings.peaks))
+
+    for m in scorer_ids:
+        idx = views[m][0]
+        name = models.get(m, (f"model {m}",))[0]
+        have = [e for e in estimators if (e, m) in mi_by]
+        for i, a in enumerate(have):
+            for b in have[i + 1:]:
+                got = sets(mi_by[(a, m)], mi_by[(b, m)], idx)
+                if got is None:
+                    continue
+                t, n_tr, _, _, pa, pb = got
+                between.append({"model": name, "model_id": m, "a": a, "b": b,
+                                "n_traces": n_tr, **inf.set_association(pa, pb, t, n_tr)})
+            wrong = mi_by.get((f"{a}{_CONTROL_SLOT}", m))
+            if wrong is None:
+                continue
+            got = sets(mi_by[(a, m)], wrong, idx)
+            if got is None:
+                continue
+            t, n_tr, right_v, wrong_v, pa, pb = got
+            rho = ov.spearman_per_trace(right_v, wrong_v, t, n_tr)
+            assoc = inf.set_association(pa, pb, t, n_tr)
+            mean_rho = float(np.nanmean(rho)) if np.isfinite(rho).any() else math.nan
+            kept = assoc["a_in_b"]
+            flag = bool(math.isfinite(mean_rho) and mean_rho >= REFERENCE_FLAG["spearman"]
+                        and kept is not None and kept >= REFERENCE_FLAG["peaks_kept"])
+            controls.append({"model": name, "model_id": m, "estimator": a, "n_traces": n_tr,
+                             "series_spearman": mean_rho, **assoc,
+                             "not_reference_specific": flag,
+                             "rule": f"flagged when the series' mean per-trace Spearman ≥ "
+                                     f"{REFERENCE_FLAG['spearman']:g} and ≥ "
+                                     f"{REFERENCE_FLAG['peaks_kept']:.0%} of the peaks stay "
+                                     "with another prompt's reference"})
+    return between, controls
 
 
 def report_options(store: Any) -> dict[str, list[Any]]:
@@ -828,6 +914,42 @@ def _strata_rows(report: Report, escape: Callable[[str], str]) -> list[list[str]
     return rows
 
 
+BETWEEN_HEADERS = ["model", "peaks A", "peaks B", "traces", "positions", "|A|", "|B|",
+                   "|A∩B|", "expected", "A in B", "chance", "OR (MH)", "95% CI",
+                   "p (two-sided)"]
+REFERENCE_HEADERS = ["model", "estimator", "traces", "series ρ (right vs wrong)",
+                     "peaks kept", "chance", "OR (MH)", "p (two-sided)", "reference-specific"]
+
+
+def _between_rows(report: Report, escape: Callable[[str], str]) -> list[list[str]]:
+    return [[escape(c["model"]), escape(c["a"]), escape(c["b"]), fmt(c["n_traces"]),
+             fmt(c["n_positions"]), fmt(c["n_a"]), fmt(c["n_b"]), fmt(c["n_both"]),
+             fmt(c["expected_both"], 1), fmt(c["a_in_b"]), fmt(c["a_in_b_chance"]),
+             fmt(c["odds_ratio"], 2), fmt_interval(c["ci"]), fmt_p2(c["p_two_sided"])]
+            for c in report.between_estimators]
+
+
+def _reference_rows(report: Report, escape: Callable[[str], str]) -> list[list[str]]:
+    return [[escape(c["model"]), escape(c["estimator"]), fmt(c["n_traces"]),
+             fmt(c["series_spearman"]), fmt(c["a_in_b"]), fmt(c["a_in_b_chance"]),
+             fmt(c["odds_ratio"], 2), fmt_p2(c["p_two_sided"]),
+             "no (flagged)" if c["not_reference_specific"] else "yes"]
+            for c in report.reference_controls]
+
+
+BETWEEN_TEXT = ("Peaks of two estimators over the positions both scored: A in B is the "
+                "share of A's peaks that are also B's, chance the share expected if the two "
+                "were independent within each trace (secondary, not adjusted).")
+REFERENCE_TEXT = ("Each estimator scored again against another prompt's reference "
+                  "(`forkview mi --control wrong-reference`): an estimator of information "
+                  "about the answer must change when the answer does. Series ρ: mean "
+                  "per-trace Spearman between the two series; peaks kept: share of the real "
+                  "run's peaks that are also peaks with the wrong reference, beside its "
+                  "chance level. Flagged (not reference-specific) when ρ ≥ "
+                  f"{REFERENCE_FLAG['spearman']:g} and ≥ {REFERENCE_FLAG['peaks_kept']:.0%} of "
+                  "the peaks stay.")
+
+
 def _chance_line(res: ov.OverlapResult) -> str:
     """The observed overlap beside what independence within traces would give."""
     exp = res.expected_both
@@ -968,6 +1090,12 @@ def render_markdown(report: Report) -> str:
         L += ["", "## Strata: sampling settings", "",
               "Each sampling setting on its own (secondary; Benjamini-Hochberg adjusted)."]
         L += ["", *_md_table(STRATA_HEADERS, _strata_rows(report, _md), "lll" + "r" * 10)]
+    if report.reference_controls:
+        L += ["", "## Reference control", "", _md(REFERENCE_TEXT), ""]
+        L += _md_table(REFERENCE_HEADERS, _reference_rows(report, _md), "ll" + "r" * 6 + "l")
+    if report.between_estimators:
+        L += ["", "## Between estimators (same model, same tokens)", "", _md(BETWEEN_TEXT), ""]
+        L += _md_table(BETWEEN_HEADERS, _between_rows(report, _md), "lll" + "r" * 11)
     for r in report.rows:
         L += _md_row(r)
     if report.comparisons:
@@ -1390,6 +1518,16 @@ def render_html(report: Report) -> str:
                  "Benjamini-Hochberg adjusted).</p>")
         P.append(_html_table(STRATA_HEADERS, [[_e(c) for c in row] for row in
                                               _strata_rows(report, str)], left=3))
+    if report.reference_controls:
+        P.append("<h2>Reference control</h2>")
+        P.append(f'<p class="note">{_e(REFERENCE_TEXT)}</p>')
+        P.append(_html_table(REFERENCE_HEADERS, [[_e(c) for c in row] for row in
+                                                 _reference_rows(report, str)], left=2))
+    if report.between_estimators:
+        P.append("<h2>Between estimators (same model, same tokens)</h2>")
+        P.append(f'<p class="note">{_e(BETWEEN_TEXT)}</p>')
+        P.append(_html_table(BETWEEN_HEADERS, [[_e(c) for c in row] for row in
+                                               _between_rows(report, str)], left=3))
     for r in report.rows:
         P += _html_row(r)
     if report.comparisons:
