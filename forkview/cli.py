@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from models.types import GenerationParams
@@ -23,6 +23,32 @@ PROG = "forkview"
 
 class UsageError(Exception):
     """A bad command-line value: reported on one line, exit status 2."""
+
+
+def usage_line(message: str, prog: str = PROG) -> str:
+    """The one line every usage error prints: `forkview: error: ... (see PROG --help)`,
+    PROG being `forkview` or `forkview COMMAND`."""
+    return f"{PROG}: error: {' '.join(str(message).split())} (see {prog} --help)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2 instead of the usage
+    block. The main parser and every subparser are of this class (`parser_class`)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, usage_line(message, self.prog) + "\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        # Unknown arguments after a command end up here, in the main parser: point at
+        # the command's own --help, not the main one.
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(ns, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            self.exit(2, usage_line(f"unrecognized arguments: {' '.join(extras)}", prog)
+                      + "\n")
+        return ns
 
 
 def _int_at_least(lo: int):
@@ -101,7 +127,7 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         # Subcommand options like `fork --top` must not be read as abbreviations of the
         # explorer's --top-p / --top-k.
@@ -116,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _db_option(p)
     _generation_options(p)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     b = sub.add_parser("browse", help="browse saved traces without loading a model")
     b.add_argument("db_file", nargs="?", metavar="DB", help="database file (default: --db)")
@@ -163,13 +189,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="estimator parameter (repeatable), e.g. bandwidth=median")
     m.add_argument("--positions", default=None, metavar="SPEC",
-                   help="all, stratified or P1,P2,... (default: the estimator's own)")
+                   help="all, stratified, categories (see below) or P1,P2,... (default: "
+                   "the estimator's own)")
     m.add_argument("--samples", type=_positive_int, default=None, metavar="S",
                    help="continuations per alternative (rollout)")
-    m.add_argument("--control", choices=["wrong-reference"], default=None,
-                   help="validity control (hsic, answer-gain): score each trace against "
-                   "another prompt's reference, as a run of its own that the report "
-                   "compares with the real one")
+    m.add_argument("--control", choices=["wrong-reference", "bandwidth"], default=None,
+                   help="a run of its own that the report compares with the real one: "
+                   "wrong-reference (hsic, answer-gain) scores each trace against another "
+                   "prompt's reference; bandwidth (hsic) uses the other bandwidth rule "
+                   "(median heuristic, or 50 if the run uses the median)")
+    cat = m.add_argument_group(
+        "categories", "--positions categories: per trace, K positions each of E only, P only "
+        "and E∩P (E: top 20% of the trace's entropy; P: peaks of the latest complete "
+        "--peaks-from run) and one matched control (neither; same relative-position bin and "
+        "token class) per selected position; the draw is stored with the run")
+    cat.add_argument("--per-category", type=_positive_int, default=None, metavar="K",
+                     help="positions per category and trace (default 5)")
+    cat.add_argument("--peaks-from", default=None, metavar="NAME",
+                     help="estimator whose stored run gives the MI peaks P, e.g. hsic")
+    cat.add_argument("--peak-rule", choices=["tukey", "topk", "topr"], default=None,
+                     help="peak rule (default tukey)")
+    cat.add_argument("--peak-param", type=float, default=None, metavar="X",
+                     help="the rule's parameter (tukey tau 1.5, topk k 20, topr rho 0.2)")
+    cat.add_argument("--seed", dest="draw_seed", type=int, default=None, metavar="S",
+                     help="seed of the draw (default 0)")
+    m.add_argument("--budget-tokens", type=_positive_int, default=None, metavar="N",
+                   help="rollout: cap on the continuation tokens of the whole command; it "
+                   "stops cleanly before a position whose worst case would pass N (re-run "
+                   "to continue)")
     _trace_model_options(m, "model to use (default: the model that made each trace)")
 
     f = sub.add_parser("fork", help="grow branches from a position of a saved trace")
@@ -438,13 +485,30 @@ def cmd_mi(args: argparse.Namespace) -> int:
     from models.loading import load_model
     from store import Store
 
+    categories = args.positions == "categories"
+    if not categories:
+        for flag, value in (("--per-category", args.per_category),
+                            ("--peaks-from", args.peaks_from), ("--peak-rule", args.peak_rule),
+                            ("--peak-param", args.peak_param), ("--seed", args.draw_seed)):
+            if value is not None:
+                raise UsageError(f"{flag} is only for --positions categories")
+    elif args.peaks_from is None:
+        raise UsageError("--positions categories needs --peaks-from NAME (the estimator "
+                         "whose stored run gives the MI peaks, e.g. hsic)")
     params = list(args.param)
     if args.samples is not None:
         params.append(f"samples={args.samples}")
     (est,) = _estimators([args.estimator], params)
-    if args.control and "reference" not in est.needs:
+    if args.control == "wrong-reference" and "reference" not in est.needs:
         raise UsageError(f"--control {args.control} needs a reference-based estimator "
                          f"(hsic, answer-gain), not {est.name}")
+    if args.control == "bandwidth" and est.name != "hsic":
+        raise UsageError(f"--control bandwidth is for hsic, not {est.name}")
+    if args.budget_tokens is not None and est.name != "rollout":
+        raise UsageError(f"--budget-tokens is for the rollout estimator, not {est.name}")
+    rule = None
+    if categories:
+        rule = _category_rule(args, est.name)
     # Everything is checked on a read-only open first: a bad trace id or position
     # leaves the file untouched (a writing open switches it to WAL mode).
     store = Store.open(args.db, readonly=True)
@@ -453,10 +517,36 @@ def cmd_mi(args: argparse.Namespace) -> int:
                    if t.status != "running"])
     if not infos:
         raise UsageError("no traces to annotate")
+    draws: dict[int, Any] = {}
     for info in infos:  # every position spec is checked before any model is loaded
-        resolve_positions(args.positions, est.default_positions,
-                          trace_data(store, info.id).entropies)
+        data = trace_data(store, info.id)
+        if not categories:
+            resolve_positions(args.positions, est.default_positions, data.entropies)
+            continue
+        from forkview.analysis.categories import draw_for_trace
+
+        draw = draw_for_trace(store, info.id, args.peaks_from,
+                              per_category=args.per_category or 5,
+                              seed=args.draw_seed or 0, rule=rule)
+        if draw is None:
+            print(f"{PROG}: trace {info.id}: no complete {args.peaks_from} run (control "
+                  f"runs are not used; run 'forkview mi --estimator {args.peaks_from}' "
+                  "first), skipped", file=sys.stderr)
+        elif not draw.positions:
+            print(f"{PROG}: trace {info.id}: no position in any category, skipped",
+                  file=sys.stderr)
+        else:
+            draws[info.id] = draw
     store.close()
+    if categories:
+        infos = [info for info in infos if info.id in draws]
+        if not infos:
+            return 1
+    budget = None
+    if args.budget_tokens is not None:
+        from models.rollout import TokenBudget
+
+        budget = TokenBudget(args.budget_tokens)
     store = Store.open(args.db)
     by_spec: dict[str, list[Any]] = {}
     for info in infos:
@@ -467,19 +557,53 @@ def cmd_mi(args: argparse.Namespace) -> int:
                   MofNCompleteColumn(), TimeRemainingColumn(), transient=False,
                   console=_stderr_console()) as bar:
         for spec, group in by_spec.items():
+            if budget is not None and budget.exhausted:
+                break
             lm = load_model(spec, args.device, args.dtype)
             model_id = model_row_id(store, lm)
             for info in group:
+                draw = draws.get(info.id)
                 task = bar.add_task(f"trace {info.id} {est.name}", total=None)
                 summary = run_estimator(
-                    lm, store, info.id, est, args.positions, model_id=model_id,
-                    control=args.control,
+                    lm, store, info.id, est,
+                    draw.positions if draw is not None else args.positions,
+                    model_id=model_id, control=args.control, budget=budget,
+                    extra_params={"categories": draw.params()} if draw is not None else None,
+                    position_details=({p: {"category": c} for p, c in draw.categories.items()}
+                                      if draw is not None else None),
                     progress=lambda done, total, task=task: bar.update(
                         task, completed=done, total=total),
                 )
                 bar.update(task, description=f"trace {info.id} {est.name} "
                            f"run {summary.run_id} {summary.status}")
+                if budget is not None and budget.exhausted:
+                    break
+    if budget is not None and budget.exhausted:
+        print(f"{PROG}: token budget reached: {budget.positions} positions done, "
+              f"{budget.spent:,} of {budget.limit:,} continuation tokens spent; stopped "
+              "(run the same command again to continue)", file=sys.stderr)
     return 0
+
+
+def _category_rule(args: argparse.Namespace, estimator: str) -> Any:
+    """The peak rule of `--positions categories`, its flags checked."""
+    from forkview.analysis.categories import peak_rule
+    from models.estimators import REGISTRY
+
+    if args.peaks_from not in REGISTRY:
+        raise UsageError(f"--peaks-from: unknown estimator '{args.peaks_from}' "
+                         f"(known: {', '.join(sorted(REGISTRY))})")
+    if args.peaks_from == estimator:
+        raise UsageError("--peaks-from must name another estimator than --estimator")
+    rule = peak_rule(args.peak_rule or "tukey", args.peak_param)
+    if rule.name == "tukey" and not rule.param >= 0:
+        raise UsageError(f"--peak-param: tukey's tau must be >= 0, got {rule.param:g}")
+    if rule.name == "topk" and not (rule.param >= 1 and rule.param == int(rule.param)):
+        raise UsageError(f"--peak-param: topk's k must be a whole number >= 1, "
+                         f"got {rule.param:g}")
+    if rule.name == "topr" and not 0 < rule.param <= 1:
+        raise UsageError(f"--peak-param: topr's rho must be in (0, 1], got {rule.param:g}")
+    return rule
 
 
 def _stderr_console() -> Any:
@@ -862,7 +986,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        prog = f"{PROG} {args.command}" if args.command else PROG
+        print(usage_line(str(e), prog), file=sys.stderr)
         return 2
     except (ModelError, StoreError, ForkError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ stopped and finished positions are never recomputed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,11 +55,16 @@ def trace_data(store: Store, trace_id: int) -> TraceData:
 def resolve_positions(spec: str | Sequence[int] | None, default: str,
                       entropies: Sequence[float], seed: int = 0) -> list[int]:
     """`all`, `stratified` (every top-20% entropy position plus as many seeded random
-    low-entropy controls) or explicit positions; None means the estimator's default."""
+    low-entropy controls) or explicit positions; None means the estimator's default.
+    `categories` is drawn per trace from a stored MI run (forkview/analysis/categories.py,
+    `forkview mi --positions categories`) and then passed here as explicit positions."""
     n = len(entropies)
     if spec is None:
         spec = default
     if isinstance(spec, str):
+        if spec == "categories":
+            raise ModelError("positions 'categories' are drawn per trace from a stored MI "
+                             "run: use forkview mi --positions categories --peaks-from NAME")
         if spec == "all":
             return list(range(n))
         if spec == "stratified":
@@ -77,6 +82,18 @@ def resolve_positions(spec: str | Sequence[int] | None, default: str,
         raise ModelError(f"position {bad[0]} is out of range (the trace has {n} tokens, "
                          f"positions 0..{n - 1})")
     return sorted(set(spec))
+
+
+def _with(detail: Any, extra: dict[str, Any] | None) -> Any:
+    """A position's details with `extra` merged in (a non-dict detail is kept under
+    "detail")."""
+    if not extra:
+        return detail
+    if detail is None:
+        return dict(extra)
+    if isinstance(detail, dict):
+        return {**detail, **extra}
+    return {"detail": detail, **extra}
 
 
 def _store_children(store: Store, trace_id: int, children: Sequence[Any],
@@ -130,7 +147,7 @@ def run_params(store: Store, trace_id: int, estimator: Estimator,
     return params
 
 
-CONTROLS = ("wrong-reference",)
+CONTROLS = ("wrong-reference", "bandwidth")
 
 
 def wrong_reference(store: Store, trace_id: int, estimator: Estimator,
@@ -153,6 +170,19 @@ def wrong_reference(store: Store, trace_id: int, estimator: Estimator,
     return swapped, {"control": "wrong-reference", "reference_prompt_id": pid}
 
 
+def bandwidth_variant(estimator: Estimator) -> tuple[Estimator, dict[str, Any]]:
+    """hsic with the other bandwidth rule (science.md §2: sigma = 50 fixed regardless of
+    the model's hidden scale, or the median heuristic), for the report's sensitivity
+    table: the same trace, estimator and reference, only sigma changed."""
+    from models.estimators import get_estimator
+
+    if estimator.name != "hsic":
+        raise ModelError(f"the bandwidth control is for hsic, not {estimator.name}")
+    other = 50.0 if estimator.params.get("bandwidth") == "median" else "median"
+    return (get_estimator("hsic", {**estimator.params, "bandwidth": other}),
+            {"control": "bandwidth"})
+
+
 def run_estimator(
     lm: LoadedModel,
     store: Store,
@@ -164,17 +194,30 @@ def run_estimator(
     cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
     control: str | None = None,
+    extra_params: dict[str, Any] | None = None,
+    position_details: Mapping[int, dict[str, Any]] | None = None,
+    budget: Any = None,
 ) -> MIRunSummary:
     """Compute (or finish) one estimator run on one saved trace. `control`
-    "wrong-reference" scores it against another prompt's reference (a run of its own,
-    marked in its params; reports keep it apart from the real runs)."""
+    "wrong-reference" scores it against another prompt's reference, "bandwidth" (hsic)
+    with the other bandwidth rule: a run of its own, marked in its params ("control"),
+    that reports keep apart from the real runs and compare with them.
+
+    `extra_params` are added to the run's params (so they make a run of their own, e.g.
+    "categories": how the positions were drawn); `position_details` are merged into
+    each position's stored details (e.g. {"category": "e_only"}). `budget` (rollout: a
+    models.rollout.TokenBudget shared by the command) ends the run before a position
+    whose worst case would pass it; the run is then "stopped", and resumes when run
+    again."""
     data = trace_data(store, trace_id)
-    params = run_params(store, trace_id, estimator, lm)
-    if control is not None:
-        if control not in CONTROLS:
-            raise ModelError(f"unknown control {control!r} (use {', '.join(CONTROLS)})")
+    extra: dict[str, Any] = {}
+    if control == "bandwidth":
+        estimator, extra = bandwidth_variant(estimator)
+    elif control == "wrong-reference":
         data, extra = wrong_reference(store, trace_id, estimator, data)
-        params.update(extra)
+    elif control is not None:
+        raise ModelError(f"unknown control {control!r} (use {', '.join(CONTROLS)})")
+    params = {**run_params(store, trace_id, estimator, lm), **extra, **(extra_params or {})}
     wanted = resolve_positions(positions, estimator.default_positions, data.entropies)
     run_id, done = store.open_mi_run(trace_id, estimator.name, params, model_id)
     todo = [p for p in wanted if p not in done]
@@ -184,12 +227,18 @@ def run_estimator(
     info: dict[str, Any] = {}
     status = "complete"
     estimator.cancel = cancel
+    if budget is not None:
+        if not hasattr(estimator, "budget"):
+            raise ModelError(f"a token budget is for the rollout estimator, not {estimator.name}")
+        estimator.budget = budget  # type: ignore[attr-defined]
+    extra_details = position_details or {}
     try:
         for chunk in estimator.run(lm, data, todo):
             _store_children(store, trace_id, chunk.children, estimator, model_id, data)
             store.add_mi_values(
                 run_id,
-                [(pos, val, chunk.details.get(pos)) for pos, val in chunk.values.items()],
+                [(pos, val, _with(chunk.details.get(pos), extra_details.get(pos)))
+                 for pos, val in chunk.values.items()],
             )
             info.update(chunk.info)
             finished += len(chunk.values)

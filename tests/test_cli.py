@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from forkview.cli import main
+from models.types import GenerationParams
 from store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,6 +230,69 @@ def test_unknown_trace_id(tiny_model_dir, db_path, capsys):
     assert captured.out == ""  # nothing half-written
 
 
+@pytest.mark.parametrize("command", ["traces", "report", "export"])
+def test_read_only_command_refuses_an_empty_file_untouched(tmp_path, command):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    proc = run_cli(command, "--db", str(empty), timeout=60)
+    assert_one_line_error(proc, f"{empty} is empty (0 bytes), not a forkview database")
+    assert empty.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+
+
+@pytest.mark.parametrize("command", ["traces", "report"])
+def test_read_only_command_does_not_create_a_missing_file(tmp_path, command):
+    proc = run_cli(command, "--db", str(tmp_path / "nope.db"), timeout=60)
+    assert_one_line_error(proc, "database not found")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_traces_shows_a_dead_writer_as_crashed(tmp_path):
+    """A trace left `running` by a process of this host that is gone reads as stopped
+    (crashed) in `traces`, decided at read time: the file keeps every byte."""
+    import hashlib
+
+    from tests.test_store import dead_pid
+
+    db = tmp_path / "t.db"
+    store = Store.open(db)
+    m = store.upsert_model(name="m", spec="m", kind="object", dtype="float32", device="cpu")
+    ids = [store.start_trace(model_id=m, prompt_id=store.add_prompt(p), prompt_token_ids=[1],
+                             params=GenerationParams()) for p in ("dead writer", "live writer")]
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE traces SET pid = ? WHERE id = ?", (dead_pid(), ids[0]))
+    store.close()
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA journal_mode = DELETE")  # one file: its bytes say it all
+    con.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+
+    proc = run_cli("traces", "--db", str(db), "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed = {t["trace_id"]: (t["status"], t["stop_reason"]) for t in json.loads(proc.stdout)}
+    # ids[1] carries this test's pid, alive while the command runs
+    assert listed == {ids[0]: ("stopped", "crashed"), ids[1]: ("running", None)}
+    proc = run_cli("traces", "--db", str(db), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {ln.split()[0]: ln.split()[1] for ln in proc.stdout.splitlines()[1:]}
+    assert rows == {str(ids[0]): "stopped", str(ids[1]): "running"}
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.db"]
+
+
+def test_wal_database_in_unwritable_directory_names_the_cause(tmp_path):
+    from tests.test_store import make_wal_db, unwritable_dir
+
+    db = make_wal_db(tmp_path / "locked")
+    before = db.read_bytes()
+    with unwritable_dir(db.parent):
+        proc = run_cli("traces", "--db", str(db), timeout=60)
+    assert_one_line_error(proc, f"cannot read {db}: it is in WAL mode and its directory is "
+                                f"not writable (SQLite needs to create t.db-shm)")
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in db.parent.iterdir()) == ["t.db"]
+
+
 # ------------------------------------------------------------------ process level
 def test_help_is_fast_and_never_imports_torch():
     code = (
@@ -343,3 +407,111 @@ def test_sample_db_carries_mi():
             with_rollout += 1
     assert with_rollout >= 5
     assert len(store.list_traces()) > len(roots)  # the continuations are kept as traces
+
+
+# ------------------------------------------------------------------ usage errors
+@pytest.mark.parametrize("argv, command", [
+    (["bogus"], ""),  # unknown command
+    (["--bogus"], ""),  # unknown option of the main parser
+    (["--device", "tpu"], ""),  # bad choice
+    (["--max-new-tokens", "x"], ""),  # bad int
+    (["annotate", "--prompt", "x", "--bogus"], "annotate"),  # unknown option of a command
+    (["annotate", "--prompt", "x", "stray"], "annotate"),  # unknown positional
+    (["annotate"], "annotate"),  # missing required (one of a group)
+    (["mi", "--all"], "mi"),  # missing required option
+    (["fork", "--trace", "x", "--position", "0", "--top", "1"], "fork"),  # bad int
+    (["export", "--format", "pdf"], "export"),  # bad choice
+    (["annotate", "--prompt", " "], "annotate"),  # a UsageError raised by the command
+])
+def test_usage_errors_are_one_line(argv, command, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("forkview: error: ")
+    assert lines[0].endswith(f"(see forkview{' ' + command if command else ''} --help)")
+
+
+def test_usage_error_is_one_line_in_a_process(db_path):
+    proc = run_cli("annotate", "--prompt", "x", "--seed", "x", "--db", str(db_path),
+                   timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "forkview: error: argument --seed: invalid int value: 'x' "
+        "(see forkview annotate --help)"]
+    assert not db_path.exists()
+
+
+# ------------------------------------------------------------------ hub ids
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("offline, needle", [
+    ("1", "the hub is offline"),
+    ("0", "cannot reach the hub"),  # online, the endpoint refuses: no minute of retries
+])
+def test_hub_id_that_cannot_load_fails_at_once(tmp_path, offline, needle):
+    env = {**os.environ, "HF_HUB_OFFLINE": offline, "TRANSFORMERS_OFFLINE": offline,
+           "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": _closed_port_url()}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "forkview", "annotate", "--prompt", "hi", "--model",
+         "someorg/nonexistent-model", "--db", str(tmp_path / "t.db")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("forkview: error: "), proc.stderr
+    assert needle in lines[0] and "someorg/nonexistent-model" in lines[0]
+    assert elapsed < 5, elapsed
+
+
+# ------------------------------------------------------------------ printed hints
+def test_every_hint_runs_as_printed(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The commands browse mode suggests (forkview.ui.browser.command_hints) name the
+    database and everything else they need: each runs through main() as printed."""
+    import shlex
+
+    import forkview.app
+    from forkview.ui.browser import command_hints
+
+    db = tmp_path / "with space" / "t.db"
+    db.parent.mkdir()
+    trace = annotate_json(capsys, "--prompt", "Tom has 3 apples. How many?", "--answer", "3",
+                          "--model", str(tiny_model_dir), "--db", str(db),
+                          "--max-new-tokens", "6")
+    opened = {}
+
+    class FakeApp:  # the explorer itself: what it would open, without a terminal
+        return_code = 0
+
+        def run(self):
+            pass
+
+    def create_app(**kw):
+        opened.update(kw)
+        return FakeApp()
+
+    monkeypatch.setattr(forkview.app, "create_app", create_app)
+    hints = command_hints(db, trace["trace_id"], position=1)
+    assert set(hints) == {"explore", "mi", "replay", "fork"}
+    for name, hint in hints.items():
+        argv = shlex.split(hint)
+        assert argv[0] == "forkview" and argv[argv.index("--db") + 1] == str(db), hint
+        assert main(argv[1:]) == 0, (name, hint, capsys.readouterr().err)
+    assert str(opened["db_path"]) == str(db)
+    store = Store.open(db, readonly=True)
+    assert [r.estimator for r in store.mi_runs(trace["trace_id"])] == ["hsic"]
+    assert len(store.list_traces()) == 1 + 3  # the trace and its three branches
+    store.close()

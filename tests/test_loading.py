@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from huggingface_hub import constants as hub_constants
 
 from models import loading
 from models.errors import ModelError
@@ -27,6 +34,8 @@ from models.loading import (
     resolve_spec,
     wrap_model,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_line(err: pytest.ExceptionInfo[BaseException]) -> str:
@@ -77,6 +86,7 @@ def test_resolve_gguf_file_and_folder_with_one_gguf(tmp_path: Path) -> None:
                                   "Qwen/Qwen2.5-0.5B-Instruct"])
 def test_resolve_hub_id(spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # so "gpt2" can't be a local folder by accident
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)  # online: not checked here
     r = resolve_spec(spec)
     assert (r.kind, r.location, r.name) == ("hub", spec, spec)
 
@@ -192,11 +202,119 @@ def test_wrap_model(tiny_lm) -> None:
     assert (lm.device, lm.dtype, lm.context_length) == ("cpu", "float32", 512)
 
 
-def test_hub_id_offline_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="cannot load model") as err:
+# ------------------------------------------------------------------ hub ids
+REV = "0" * 40
+
+
+def closed_port_url() -> str:
+    """An http URL on this machine where nothing listens: connecting is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty hub cache of this test's own; online mode and an unreachable endpoint
+    unless a test says otherwise (huggingface_hub reads these at call time)."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", closed_port_url())
+    return cache
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, model_dir: Path) -> None:
+    """Lay a model out as huggingface_hub caches a download of revision main."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REV)
+    shutil.copytree(model_dir, repo / "snapshots" / REV)
+
+
+def test_hub_offline_parses_as_huggingface_hub_does() -> None:
+    """HF_HUB_OFFLINE=0 is online (a non-empty string used to count as offline)."""
+    code = textwrap.dedent("""
+        import importlib, os, sys
+        from huggingface_hub import constants
+        from models.loading import hub_offline
+        os.environ.pop("TRANSFORMERS_OFFLINE", None)
+        for value in sys.argv[1:]:
+            os.environ["HF_HUB_OFFLINE"] = value
+            importlib.reload(constants)
+            print(value or "(empty)", hub_offline())
+    """)
+    values = ["1", "true", "YES", "on", "0", "false", "no", ""]
+    proc = subprocess.run([sys.executable, "-c", code, *values], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    got = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines())
+    assert got == {"1": "True", "true": "True", "YES": "True", "on": "True",
+                   "0": "False", "false": "False", "no": "False", "(empty)": "False"}
+
+
+def test_hub_id_offline_not_cached_fails_at_once(hub: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="the hub is offline") as err:
+        resolve_spec("forkview-test-org/no-such-model-xyz")  # before any model code
+    with pytest.raises(ModelError, match="the hub is offline"):
         load_model("forkview-test-org/no-such-model-xyz", device="cpu")
-    one_line(err)
+    assert time.perf_counter() - start < 2
+    assert "forkview-test-org/no-such-model-xyz" in one_line(err)
+
+
+def test_hub_id_offline_loads_from_the_cache(hub: Path, tiny_model_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    put_in_hub_cache(hub, "someorg/tiny", tiny_model_dir)
+    assert loading.hub_cached("someorg/tiny")
+    lm = load_model("someorg/tiny", device="cpu")
+    assert (lm.kind, lm.name) == ("hub", "someorg/tiny")
+
+
+def test_hub_unreachable_not_cached_fails_at_once(hub: Path) -> None:
+    """Online with the hub unreachable: one quick request decides, not a minute of
+    retries."""
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match=r"cannot reach the hub at http://127\.0\.0\.1:") as err:
+        load_model("forkview-test-org/no-such-model-xyz", device="cpu")
+    assert time.perf_counter() - start < 5
+    assert "not in the local cache" in one_line(err)
+
+
+def test_hub_unreachable_loads_from_the_cache(hub: Path, tiny_model_dir: Path) -> None:
+    put_in_hub_cache(hub, "someorg/tiny", tiny_model_dir)
+    start = time.perf_counter()
+    lm = load_model("someorg/tiny", device="cpu")
+    assert time.perf_counter() - start < 30  # no retries before the cache is used
+    assert (lm.kind, lm.name) == ("hub", "someorg/tiny")
+
+
+def test_hub_reachable_with_any_http_status(hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert loading.hub_unreachable() is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert loading.hub_unreachable(timeout=1).startswith("ConnectError")
 
 
 def test_directory_with_broken_weights(tiny_model_dir: Path, tmp_path: Path) -> None:

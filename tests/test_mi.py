@@ -246,6 +246,11 @@ def test_wrong_reference_control_is_a_run_of_its_own_that_the_report_compares(
     assert main(["mi", *db, "--all", "--estimator", "rollout",
                  "--control", "wrong-reference"]) == 2
     assert "reference-based" in capsys.readouterr().err
+    assert main(["mi", *db, "--all", "--estimator", "answer-gain",
+                 "--control", "bandwidth"]) == 2
+    assert "for hsic" in capsys.readouterr().err
+    assert main(["mi", *db, "--all", "--estimator", "hsic"]) == 0
+    assert main(["mi", *db, "--all", "--estimator", "hsic", "--control", "bandwidth"]) == 0
     store = Store.open(db_path, readonly=True)
     try:
         runs = store.mi_runs(ids[0])
@@ -256,11 +261,14 @@ def test_wrong_reference_control_is_a_run_of_its_own_that_the_report_compares(
         report = build_report(store, ReportSettings(bootstrap=20, null=20))
     finally:
         store.close()
-    (row,) = [r for r in report.rows if r.group == "all"]
-    assert all("control" not in p["params"] for p in row.params)
-    (c,) = report.reference_controls
-    assert c["estimator"] == "answer-gain" and c["n_traces"] == 3
-    assert isinstance(c["not_reference_specific"], bool)
+    for row in (r for r in report.rows if r.group == "all"):
+        assert all("control" not in p["params"] for p in row.params)
+    assert [r.result.n_traces for r in report.rows if r.estimator == "hsic"] == [3]
+    by = {(c["estimator"], c["control"]): c for c in report.reference_controls}
+    assert set(by) == {("answer-gain", "wrong-reference"), ("hsic", "bandwidth")}
+    assert by[("answer-gain", "wrong-reference")]["n_traces"] == 3
+    assert isinstance(by[("answer-gain", "wrong-reference")]["not_reference_specific"], bool)
+    assert isinstance(by[("hsic", "bandwidth")]["bandwidth_robust"], bool)
 
 
 def test_other_reference_picks_the_next_prompt_with_another_answer(db_path):

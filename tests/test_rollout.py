@@ -543,3 +543,20 @@ def test_fork_cache_leaves_the_original(tiny_lm):
     assert cache.get_seq_length() == 4 and new.get_seq_length() == 4
     assert new.layers[0].keys.shape[0] == 3
     assert torch.equal(cache.layers[0].keys, keys)
+
+
+def test_counterfactual_on_the_toy(toy):
+    # Position 2 decides the answer (fair coin): keeping the token fixes the answer,
+    # redrawing it changes it half the time. Position 1 is a fair but irrelevant choice:
+    # keep and redraw lead to the same fair coin, importance about 0 (the distinct-pair
+    # baseline is unbiased, so no upward drift from sampling noise).
+    fork = run(toy, 2, samples=32, reference_answer="1").counterfactual
+    assert fork["p_change_baseline"] == 0.0
+    assert fork["importance"] == pytest.approx(0.5) == fork["p_change"] == fork["tv"]
+    assert fork["accuracy_keep"] == 1.0 and fork["accuracy_redraw"] == pytest.approx(0.5)
+    assert fork["n_keep"] == 32 and fork["n_redraw"] == 64
+    draws = [run(toy, 1, samples=16, seed=s).counterfactual["importance"] for s in range(20)]
+    assert abs(sum(draws) / len(draws)) < 0.05
+    fixed = run(toy, 4, samples=4).counterfactual
+    assert fixed["importance"] == fixed["tv"] == 0.0 and fixed["accuracy_keep"] is None
+    assert "counterfactual" in run(toy, 4, samples=2).details()

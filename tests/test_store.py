@@ -9,11 +9,14 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -545,6 +548,184 @@ def test_readonly_missing_file_is_an_error(tmp_path):
     with pytest.raises(StoreError, match="database not found"):
         Store.open(tmp_path / "nope.db", readonly=True)
     assert not (tmp_path / "nope.db").exists()
+
+
+def test_readonly_refuses_an_empty_file_untouched(tmp_path):
+    """A 0-byte file (or SQLite with no tables) is not a database to read: refused, and
+    never given a schema by a read-only open."""
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(StoreError) as exc:
+        Store.open(empty, readonly=True)
+    assert str(exc.value) == f"{empty} is empty (0 bytes), not a forkview database"
+    assert empty.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+
+    blank = tmp_path / "blank.db"
+    con = sqlite3.connect(blank)
+    con.execute("CREATE TABLE x (a)")
+    con.execute("DROP TABLE x")
+    con.close()
+    before = blank.read_bytes()
+    with pytest.raises(StoreError, match="is a SQLite file with no tables, not a forkview"):
+        Store.open(blank, readonly=True)
+    assert blank.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.db", "empty.db"]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_writer_rules() -> None:
+    here = socket.gethostname()
+    assert Store.is_stale(here, dead_pid())
+    assert Store.is_stale(here, None)  # a running trace without a pid cannot be live
+    assert not Store.is_stale(here, os.getpid())
+    assert not Store.is_stale("another-host", dead_pid())  # cannot be checked from here
+    assert not Store.is_stale(None, dead_pid())
+    assert Store.effective_status("running", None, here, dead_pid()) == ("stopped", "crashed")
+    assert Store.effective_status("running", None, here, os.getpid()) == ("running", None)
+    for status, reason in (("complete", "eos"), ("stopped", "interrupted"), ("failed", None)):
+        assert Store.effective_status(status, reason, here, dead_pid()) == (status, reason)
+
+
+def test_readonly_views_see_a_killed_writer_as_crashed(db_path: Path) -> None:
+    """Liveness is decided at read time: after kill -9 a read-only store shows the
+    trace as stopped (crashed) and changes no byte; a live writer's trace and one from
+    another host (which cannot be checked) still read as running."""
+    import hashlib
+
+    from tests.conftest import db_content
+
+    store = Store.open(db_path)
+    mine = new_trace(store, "still running here")
+    elsewhere = new_trace(store, "running on another host")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE traces SET host = 'another-host', pid = ? WHERE id = ?",
+                             (dead_pid(), elsewhere))
+    store.close()
+    proc = run_py(KILLED, str(db_path))
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip(), proc.communicate()[1]
+    tid = int(line)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)  # reaped: its pid no longer exists
+
+    def files() -> dict[str, str]:  # the database and its WAL (-shm is SQLite's index)
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in db_path.parent.iterdir() if not p.name.endswith("-shm")}
+
+    before, content = files(), db_content(db_path)
+    assert f"{db_path.name}-wal" in before  # the killed writer never checkpointed
+    ro = Store.open(db_path, readonly=True)
+    status = {t.id: (t.status, t.stop_reason) for t in ro.list_traces()}
+    assert status == {tid: ("stopped", "crashed"), mine: ("running", None),
+                      elsewhere: ("running", None)}
+    assert (ro.trace(tid).status, ro.trace(tid).stop_reason) == ("stopped", "crashed")
+    assert ro.trace(tid).n_tokens == 10  # the tokens that reached the file
+    assert ro.stale_trace_ids() == [tid]
+    with ro.engine.connect() as conn:  # the same rule in SQL, for the report
+        rows = conn.exec_driver_sql(
+            "SELECT id FROM traces WHERE status = 'running' AND forkview_stale(host, pid)"
+        ).fetchall()
+    assert rows == [(tid,)]
+    ro.close()
+    assert files() == before and db_content(db_path) == content
+    assert [ln for ln in content if "about to be killed" in ln]
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as con:
+        stored = con.execute("SELECT status FROM traces WHERE id = ?", (tid,)).fetchone()
+    assert stored == ("running",)  # nothing was written: the writable open records it
+
+
+@contextmanager
+def unwritable_dir(path: Path) -> Iterator[None]:
+    """`path` made really unwritable: chmod 0o555 for a normal user; as root (CI),
+    whom chmod does not stop, the immutable attribute (chattr +i). Skips only where
+    neither works (e.g. a filesystem without chattr); the detection is also tested
+    without it (test_cannot_open_reason_names_the_cause)."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        undo = [lambda: path.chmod(0o755)]
+    else:
+        if shutil.which("chattr") is None or subprocess.run(
+                ["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a directory unwritable for root here (chattr +i)")
+        undo = [lambda: subprocess.run(["chattr", "-i", str(path)], check=True)]
+    try:
+        if os.access(path, os.W_OK) or _can_create_in(path):
+            pytest.skip(f"{path} is still writable")
+        yield
+    finally:
+        undo[0]()
+
+
+def _can_create_in(path: Path) -> bool:
+    try:
+        (path / "probe").touch()
+    except OSError:
+        return False
+    (path / "probe").unlink()
+    return True
+
+
+def make_wal_db(folder: Path) -> Path:
+    """A forkview file in WAL mode, closed cleanly (no -wal or -shm beside it)."""
+    folder.mkdir()
+    db = folder / "t.db"
+    store = Store.open(db)
+    new_trace(store)
+    store.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["t.db"]
+    assert sql(db, "PRAGMA journal_mode") == [("wal",)]
+    return db
+
+
+def test_readonly_wal_file_in_unwritable_directory_names_the_cause(tmp_path):
+    db = make_wal_db(tmp_path / "locked")
+    before = db.read_bytes()
+    with unwritable_dir(db.parent), pytest.raises(StoreError) as exc:
+        Store.open(db, readonly=True)
+    message = str(exc.value)
+    assert message == (
+        f"cannot read {db}: it is in WAL mode and its directory is not writable (SQLite "
+        f"needs to create t.db-shm); copy it elsewhere, or run `sqlite3 {db} 'PRAGMA "
+        f"journal_mode=DELETE'` where you can write")
+    assert "\n" not in message
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in db.parent.iterdir()) == ["t.db"]
+
+
+def test_cannot_open_reason_names_the_cause(tmp_path, monkeypatch):
+    """The detection on its own, with the permission answers simulated: a WAL file
+    without -shm in an unwritable directory; an unreadable file; and the cases that
+    are not it (rollback journal, -shm already there, writable directory)."""
+    from store.db import cannot_open_reason
+
+    db = make_wal_db(tmp_path / "wal")
+    denied: set[tuple[Path, int]] = set()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: (Path(p), mode) not in denied
+                        and real_access(p, mode))
+    assert cannot_open_reason(db) is None  # directory writable
+    denied.add((db.parent, os.W_OK))
+    assert "it is in WAL mode and its directory is not writable" in cannot_open_reason(db)
+    (db.parent / "t.db-shm").touch()
+    assert cannot_open_reason(db) is None  # SQLite can use the existing -shm
+    (db.parent / "t.db-shm").unlink()
+    denied.add((db, os.R_OK))
+    assert cannot_open_reason(db) == f"cannot read {db}: permission denied"
+
+    rollback = tmp_path / "rollback"
+    rollback.mkdir()
+    plain = rollback / "p.db"
+    sqlite3.connect(plain).execute("CREATE TABLE x (a)").connection.close()
+    denied.add((rollback, os.W_OK))
+    assert cannot_open_reason(plain) is None
 
 
 # ------------------------------------------------------------------ MI runs and answers

@@ -561,3 +561,13 @@ def set_association(a: np.ndarray, b: np.ndarray, trace: np.ndarray,
             "a_in_b_chance": (tab.expected / na) if na and tab.strata else None,
             "odds_ratio": tab.estimate, "ci": [tab.ci[0], tab.ci[1]],
             "p_two_sided": _num(tab.p)}
+
+
+def bootstrap_weights_for(n_clusters: int, iterations: int, seed: int,
+                          stream: int = 3) -> np.ndarray:
+    """(iterations, n_clusters) resampling multiplicities from the seed's own stream
+    (numpy SeedSequence [seed, stream]); stream 1 is the overlap bootstrap, 2 the null."""
+    from forkview.analysis.overlap import bootstrap_weights
+
+    return bootstrap_weights(n_clusters, iterations,
+                             np.random.default_rng(np.random.SeedSequence([seed, stream])))

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from forkview.analysis import counterfactual as cf
 from forkview.analysis import inference as inf
 from forkview.analysis import overlap as ov
 from forkview.analysis.peaks import TUKEY, PeakRule
@@ -166,6 +167,7 @@ class Report:
     strata: list[ReportRow] = field(default_factory=list)  # per sampling setting
     between_estimators: list[dict[str, Any]] = field(default_factory=list)
     reference_controls: list[dict[str, Any]] = field(default_factory=list)
+    counterfactual: list[cf.CounterfactualRow] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"forkview_version": self.version, "database": self.database,
@@ -179,6 +181,7 @@ class Report:
                 "strata": [r.to_json() for r in self.strata],
                 "between_estimators": self.between_estimators,
                 "reference_controls": self.reference_controls,
+                "counterfactual": [r.to_json() for r in self.counterfactual],
                 "comparisons": self.comparisons, "notes": self.notes}
 
     @property
@@ -250,7 +253,10 @@ def _columns(rows: list[tuple[Any, ...]], n: int) -> list[tuple[Any, ...]]:
 
 
 def _select(conn: Any, settings: ReportSettings) -> _Selection:
-    where = ["t.status IN ('complete', 'stopped')"]
+    # a trace left "running" by a writer that is gone (killed: same host, dead pid) is
+    # stopped in fact: decided here at read time, without writing (store.is_stale)
+    where = ["(t.status IN ('complete', 'stopped') OR (t.status = 'running' AND "
+             "forkview_stale(t.host, t.pid)))"]
     args: list[Any] = []
     if not settings.branches:
         where.append("t.parent_trace_id IS NULL")
@@ -368,9 +374,13 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
     for rid, trace_id, est, params, mid in run_rows:
         if trace_id in gen_of:
             scorer = int(mid) if mid is not None else gen_of[trace_id]
-            # a validity control (forkview mi --control) is never the trace's MI
-            target = controls if json.loads(params).get("control") else latest
-            target[(int(trace_id), est, scorer)] = (int(rid), params)
+            # a validity control (forkview mi --control) is never the trace's MI: it
+            # rides along under the slot "<estimator>|<control>"
+            control = json.loads(params).get("control")
+            if control:
+                controls[(int(trace_id), f"{est}|{control}", scorer)] = (int(rid), params)
+            else:
+                latest[(int(trace_id), est, scorer)] = (int(rid), params)
     available = sorted({k[1] for k in latest})
     if settings.estimators:
         missing = [e for e in settings.estimators if e not in available]
@@ -382,9 +392,7 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
     else:
         estimators = available
     chosen = {k: v for k, v in latest.items() if k[1] in estimators}
-    # the controls ride along under their own slot name, "<estimator>|wrong-reference"
-    chosen.update({(k[0], f"{k[1]}{_CONTROL_SLOT}", k[2]): v for k, v in controls.items()
-                   if k[1] in estimators})
+    chosen.update({k: v for k, v in controls.items() if k[1].split("|")[0] in estimators})
     mi_by: dict[tuple[str, int], np.ndarray] = {}  # (estimator, model) -> values per token
     no_choice_by: dict[tuple[str, int], int] = {}  # rollout positions left out
     runs_used: dict[tuple[str, int], Counter[str]] = {}
@@ -407,7 +415,7 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
         for (trace_id, est, scorer), (rid, params) in chosen.items():
             lut_trace[rid] = trace_id
             lut_slot[rid] = slot_of[(est, scorer)]
-            if not est.endswith(_CONTROL_SLOT):
+            if "|" not in est:
                 runs_used.setdefault((est, scorer), Counter())[params] += 1
         v_key = _key(lut_trace[v_run], v_pos, span)
         at = np.minimum(np.searchsorted(key, v_key), len(key) - 1)
@@ -514,7 +522,11 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
     report = Report(settings=settings, version=forkview_version(), database=database,
                     n_traces=len(sel.ids), models=summaries, rows=rows_out,
                     comparisons=comparisons, notes=notes, strata=strata_out,
-                    between_estimators=between, reference_controls=ref_controls)
+                    between_estimators=between, reference_controls=ref_controls,
+                    counterfactual=cf.analyse(
+                        cf.read_positions(conn, sel.ids.tolist(), prompt_of, gen_of),
+                        {m: v[0] for m, v in models.items()},
+                        bootstrap=settings.bootstrap, seed=settings.seed))
     conclude(report)
     return report
 
@@ -568,6 +580,10 @@ def conclude(report: Report) -> None:
         for ctl in res.controls.values():
             family.append((lambda v, ctl=ctl: ctl.__setitem__("adjusted_p", inf._num(v)),
                            _pnum(ctl.get("p_two_sided"))))
+    for crow in report.counterfactual:
+        for diff in crow.differences.values():
+            family.append((lambda v, diff=diff: diff.__setitem__("adjusted_p", inf._num(v)),
+                           _pnum(diff.get("p_two_sided"))))
     adjusted = inf.adjust([p for _, p in family], "fdr_bh")
     for (setter, _), v in zip(family, adjusted, strict=True):
         setter(v)
@@ -667,7 +683,7 @@ def _comparisons(scorer_ids: list[int], views: dict[int, tuple[np.ndarray, np.nd
     return out
 
 
-_CONTROL_SLOT = "|wrong-reference"
+CONTROL_KINDS = ("wrong-reference", "bandwidth")  # forkview mi --control
 # An estimator is flagged as not reference-specific when, with another prompt's
 # reference, its series still correlates this much with the real one and this share of
 # its peaks stays put (hsic on sample_db: 0.98-0.99, science.md §6).
@@ -705,26 +721,28 @@ def _estimator_checks(scorer_ids: list[int], views: dict[int, tuple[np.ndarray, 
                 t, n_tr, _, _, pa, pb = got
                 between.append({"model": name, "model_id": m, "a": a, "b": b,
                                 "n_traces": n_tr, **inf.set_association(pa, pb, t, n_tr)})
-            wrong = mi_by.get((f"{a}{_CONTROL_SLOT}", m))
-            if wrong is None:
-                continue
-            got = sets(mi_by[(a, m)], wrong, idx)
-            if got is None:
-                continue
-            t, n_tr, right_v, wrong_v, pa, pb = got
-            rho = ov.spearman_per_trace(right_v, wrong_v, t, n_tr)
-            assoc = inf.set_association(pa, pb, t, n_tr)
-            mean_rho = float(np.nanmean(rho)) if np.isfinite(rho).any() else math.nan
-            kept = assoc["a_in_b"]
-            flag = bool(math.isfinite(mean_rho) and mean_rho >= REFERENCE_FLAG["spearman"]
-                        and kept is not None and kept >= REFERENCE_FLAG["peaks_kept"])
-            controls.append({"model": name, "model_id": m, "estimator": a, "n_traces": n_tr,
-                             "series_spearman": mean_rho, **assoc,
-                             "not_reference_specific": flag,
-                             "rule": f"flagged when the series' mean per-trace Spearman ≥ "
-                                     f"{REFERENCE_FLAG['spearman']:g} and ≥ "
-                                     f"{REFERENCE_FLAG['peaks_kept']:.0%} of the peaks stay "
-                                     "with another prompt's reference"})
+            for control in CONTROL_KINDS:
+                variant = mi_by.get((f"{a}|{control}", m))
+                got = None if variant is None else sets(mi_by[(a, m)], variant, idx)
+                if got is None:
+                    continue
+                t, n_tr, right_v, other_v, pa, pb = got
+                rho = ov.spearman_per_trace(right_v, other_v, t, n_tr)
+                assoc = inf.set_association(pa, pb, t, n_tr)
+                mean_rho = float(np.nanmean(rho)) if np.isfinite(rho).any() else math.nan
+                kept = assoc["a_in_b"]
+                same = bool(math.isfinite(mean_rho) and mean_rho >= REFERENCE_FLAG["spearman"]
+                            and kept is not None and kept >= REFERENCE_FLAG["peaks_kept"])
+                controls.append({
+                    "model": name, "model_id": m, "estimator": a, "control": control,
+                    "n_traces": n_tr, "series_spearman": mean_rho, **assoc,
+                    # wrong reference: the same series is a failure (not about the answer);
+                    # bandwidth: it is robustness (peaks do not hang on sigma)
+                    "not_reference_specific": same if control == "wrong-reference" else None,
+                    "bandwidth_robust": same if control == "bandwidth" else None,
+                    "rule": f"'same' when the series' mean per-trace Spearman ≥ "
+                            f"{REFERENCE_FLAG['spearman']:g} and ≥ "
+                            f"{REFERENCE_FLAG['peaks_kept']:.0%} of the peaks stay"})
     return between, controls
 
 
@@ -917,8 +935,8 @@ def _strata_rows(report: Report, escape: Callable[[str], str]) -> list[list[str]
 BETWEEN_HEADERS = ["model", "peaks A", "peaks B", "traces", "positions", "|A|", "|B|",
                    "|A∩B|", "expected", "A in B", "chance", "OR (MH)", "95% CI",
                    "p (two-sided)"]
-REFERENCE_HEADERS = ["model", "estimator", "traces", "series ρ (right vs wrong)",
-                     "peaks kept", "chance", "OR (MH)", "p (two-sided)", "reference-specific"]
+REFERENCE_HEADERS = ["model", "estimator", "control", "traces", "series ρ (real vs control)",
+                     "peaks kept", "chance", "OR (MH)", "p (two-sided)", "reading"]
 
 
 def _between_rows(report: Report, escape: Callable[[str], str]) -> list[list[str]]:
@@ -930,24 +948,67 @@ def _between_rows(report: Report, escape: Callable[[str], str]) -> list[list[str
 
 
 def _reference_rows(report: Report, escape: Callable[[str], str]) -> list[list[str]]:
-    return [[escape(c["model"]), escape(c["estimator"]), fmt(c["n_traces"]),
-             fmt(c["series_spearman"]), fmt(c["a_in_b"]), fmt(c["a_in_b_chance"]),
-             fmt(c["odds_ratio"], 2), fmt_p2(c["p_two_sided"]),
-             "no (flagged)" if c["not_reference_specific"] else "yes"]
-            for c in report.reference_controls]
+    return [[escape(c["model"]), escape(c["estimator"]), escape(c["control"]),
+             fmt(c["n_traces"]), fmt(c["series_spearman"]), fmt(c["a_in_b"]),
+             fmt(c["a_in_b_chance"]), fmt(c["odds_ratio"], 2), fmt_p2(c["p_two_sided"]),
+             _reading(c)] for c in report.reference_controls]
+
+
+def _reading(c: dict[str, Any]) -> str:
+    if c["control"] == "wrong-reference":
+        return ("not reference-specific (flagged)" if c["not_reference_specific"]
+                else "depends on the reference")
+    return "robust to σ" if c["bandwidth_robust"] else "sensitive to σ"
 
 
 BETWEEN_TEXT = ("Peaks of two estimators over the positions both scored: A in B is the "
                 "share of A's peaks that are also B's, chance the share expected if the two "
                 "were independent within each trace (secondary, not adjusted).")
-REFERENCE_TEXT = ("Each estimator scored again against another prompt's reference "
-                  "(`forkview mi --control wrong-reference`): an estimator of information "
-                  "about the answer must change when the answer does. Series ρ: mean "
-                  "per-trace Spearman between the two series; peaks kept: share of the real "
-                  "run's peaks that are also peaks with the wrong reference, beside its "
-                  "chance level. Flagged (not reference-specific) when ρ ≥ "
-                  f"{REFERENCE_FLAG['spearman']:g} and ≥ {REFERENCE_FLAG['peaks_kept']:.0%} of "
-                  "the peaks stay.")
+REFERENCE_TEXT = ("Each estimator scored again with one thing changed (`forkview mi "
+                  "--control`): wrong-reference, another prompt's reference (an estimator "
+                  "of information about the answer must change when the answer does); "
+                  "bandwidth (hsic), the other bandwidth rule (σ = 50 or the median "
+                  "heuristic). Series ρ: mean per-trace Spearman between the real and the "
+                  "control series; peaks kept: share of the real run's peaks that are also "
+                  "the control's, beside its chance level. 'Same' (flagged for the wrong "
+                  f"reference, robust for σ) when ρ ≥ {REFERENCE_FLAG['spearman']:g} and ≥ "
+                  f"{REFERENCE_FLAG['peaks_kept']:.0%} of the peaks stay.")
+
+
+CF_HEADERS = ["category", "positions", "importance", "95% CI", "P(answer changes)",
+              "95% CI", "TV", "accuracy change"]
+CF_DIFF_HEADERS = ["comparison", "importance difference", "95% CI", "p (two-sided)",
+                   "p (BH)", "detectable (80%)", "P(change) ratio", "95% CI"]
+CF_TEXT = ("At positions drawn per category (`forkview mi --estimator rollout --positions "
+           "categories`): importance = P(answer after redrawing the token differs from the "
+           "answer after keeping it) minus the same for two continuations after the kept "
+           "token; TV: total variation between the two outcome distributions. Means over "
+           "positions, 95% bootstrap over prompts; differences against the matched controls "
+           "(same relative-position bin and token class), two-sided bootstrap p, "
+           "Benjamini-Hochberg with the report's other secondary tests.")
+
+
+def _cf_rows(row: cf.CounterfactualRow) -> list[list[str]]:
+    out = []
+    for c in cf.CATEGORIES:
+        d = row.categories.get(c, {})
+
+        def m(key: str, d: dict[str, Any] = d) -> dict[str, Any]:
+            return d.get(key) or {}
+
+        out.append([cf.CATEGORY_LABELS[c], fmt(d.get("n_positions", 0)),
+                    fmt(m("importance").get("mean")), fmt_interval(m("importance").get("ci"), 3),
+                    fmt(m("p_change").get("mean")), fmt_interval(m("p_change").get("ci"), 3),
+                    fmt(m("tv").get("mean")), fmt(m("accuracy_change").get("mean"))])
+    return out
+
+
+def _cf_diff_rows(row: cf.CounterfactualRow) -> list[list[str]]:
+    return [[f"{cf.CATEGORY_LABELS[c]} − control", fmt(d.get("estimate")),
+             fmt_interval(d.get("ci"), 3), fmt_p2(d.get("p_two_sided")),
+             fmt_p2(d.get("adjusted_p")), fmt(d.get("detectable_80")),
+             fmt(d.get("p_change_ratio"), 2), fmt_interval(d.get("p_change_ratio_ci"))]
+            for c, d in row.differences.items()]
 
 
 def _chance_line(res: ov.OverlapResult) -> str:
@@ -1091,8 +1152,18 @@ def render_markdown(report: Report) -> str:
               "Each sampling setting on its own (secondary; Benjamini-Hochberg adjusted)."]
         L += ["", *_md_table(STRATA_HEADERS, _strata_rows(report, _md), "lll" + "r" * 10)]
     if report.reference_controls:
-        L += ["", "## Reference control", "", _md(REFERENCE_TEXT), ""]
-        L += _md_table(REFERENCE_HEADERS, _reference_rows(report, _md), "ll" + "r" * 6 + "l")
+        L += ["", "## Estimator validity: reference and bandwidth controls", "",
+              _md(REFERENCE_TEXT), ""]
+        L += _md_table(REFERENCE_HEADERS, _reference_rows(report, _md), "lll" + "r" * 6 + "l")
+    if report.counterfactual:
+        L += ["", "## Counterfactual: does the answer move when a token is redrawn?", "",
+              _md(CF_TEXT)]
+        for crow in report.counterfactual:
+            L += ["", f"**{_md(crow.model)} · peaks from {_md(crow.peaks_from)}** "
+                  f"({crow.n_traces:,} traces, {crow.n_prompts:,} prompts). "
+                  f"{_md(crow.sentence)}", ""]
+            L += _md_table(CF_HEADERS, _cf_rows(crow))
+            L += ["", *_md_table(CF_DIFF_HEADERS, _cf_diff_rows(crow))]
     if report.between_estimators:
         L += ["", "## Between estimators (same model, same tokens)", "", _md(BETWEEN_TEXT), ""]
         L += _md_table(BETWEEN_HEADERS, _between_rows(report, _md), "lll" + "r" * 11)
@@ -1413,6 +1484,38 @@ def svg_lags(lags: list[dict[str, Any]], base: float | None, label: str) -> str:
     return _svg(W, H, body, label)
 
 
+def svg_categories(row: cf.CounterfactualRow) -> str:
+    """Mean importance of the four categories with their intervals (dots and bars)."""
+    W, H, x0, y0, w, h = 440, 200, 50, 12, 370, 150
+    items = []
+    for c in cf.CATEGORIES:
+        m = (row.categories.get(c, {}).get("importance") or {})
+        items.append((cf.CATEGORY_LABELS[c], m.get("mean"), *(m.get("ci") or [None, None])))
+    vals = [v for _, *vs in items for v in vs if v is not None]
+    if not vals:
+        return _svg(W, H, ['<text x="20" y="40">no data</text>'], "counterfactual")
+    lo, hi = min([*vals, 0.0]), max([*vals, 0.0])
+    span = (hi - lo) or 1.0
+
+    def Y(v: float) -> float:
+        return y0 + h - h * (v - lo) / span
+
+    body = [f'<line x1="{x0}" y1="{Y(0):.1f}" x2="{x0 + w}" y2="{Y(0):.1f}" stroke="#999" '
+            'stroke-dasharray="4 3"/>']
+    for i, (label, mean, a, b) in enumerate(items):
+        x = x0 + w * (i + 0.5) / len(items)
+        if a is not None and b is not None:
+            body.append(f'<line x1="{x:.1f}" y1="{Y(a):.1f}" x2="{x:.1f}" y2="{Y(b):.1f}" '
+                        f'stroke="{VIRIDIS[3]}"/>')
+        if mean is not None:
+            body.append(f'<circle cx="{x:.1f}" cy="{Y(mean):.1f}" r="4" fill="{VIRIDIS[3]}">'
+                        f"<title>{_e(f'{label}: {mean:.3f}')}</title></circle>")
+    xt = [(x0 + w * (i + 0.5) / len(items), it[0]) for i, it in enumerate(items)]
+    yt = [(Y(lo + span * k / 2), f"{lo + span * k / 2:.2g}") for k in range(3)]
+    body += _axes(x0, y0, w, h, "category", "importance", xt, yt)
+    return _svg(W, H, body, f"counterfactual importance, {row.model}, {row.peaks_from}")
+
+
 def svg_profile(prof: dict[str, Any], estimator: str, label: str) -> str:
     """Mean entropy and mean MI by relative-position bin, each on its own axis."""
     W, H, x0, y0, w, h = 440, 200, 50, 12, 330, 150
@@ -1519,10 +1622,23 @@ def render_html(report: Report) -> str:
         P.append(_html_table(STRATA_HEADERS, [[_e(c) for c in row] for row in
                                               _strata_rows(report, str)], left=3))
     if report.reference_controls:
-        P.append("<h2>Reference control</h2>")
+        P.append("<h2>Estimator validity: reference and bandwidth controls</h2>")
         P.append(f'<p class="note">{_e(REFERENCE_TEXT)}</p>')
         P.append(_html_table(REFERENCE_HEADERS, [[_e(c) for c in row] for row in
-                                                 _reference_rows(report, str)], left=2))
+                                                 _reference_rows(report, str)], left=3))
+    if report.counterfactual:
+        P.append("<h2>Counterfactual: does the answer move when a token is redrawn?</h2>")
+        P.append(f'<p class="note">{_e(CF_TEXT)}</p>')
+        for crow in report.counterfactual:
+            P.append(f"<h3>{_e(crow.model)} · peaks from {_e(crow.peaks_from)}</h3>"
+                     f"<p>{crow.n_traces:,} traces, {crow.n_prompts:,} prompts. "
+                     f"{_e(crow.sentence)}</p>")
+            P.append(_html_table(CF_HEADERS, [[_e(c) for c in r] for r in _cf_rows(crow)]))
+            P.append(_html_table(CF_DIFF_HEADERS, [[_e(c) for c in r]
+                                                   for r in _cf_diff_rows(crow)]))
+            P.append("<figure>" + svg_categories(crow) + "<figcaption>Mean importance per "
+                     "category with 95% bootstrap intervals over prompts.</figcaption>"
+                     "</figure>")
     if report.between_estimators:
         P.append("<h2>Between estimators (same model, same tokens)</h2>")
         P.append(f'<p class="note">{_e(BETWEEN_TEXT)}</p>')

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import ClassVar
 
 from rich.text import Text
@@ -32,6 +34,24 @@ def started_utc(iso: str | None) -> str:
     if dt.tzinfo is not None:
         dt = dt.astimezone(timezone.utc)
     return dt.strftime("%Y-%m-%d %H:%M")
+
+
+def command_hints(db_path: str | Path, trace_id: int, position: int | None = None,
+                  estimator: str = "hsic") -> dict[str, str]:
+    """The shell commands the explorer suggests for what browse-only mode cannot do,
+    each complete as printed: the database on screen by its absolute path (`--db`; the
+    default database is another file), MI with its `--estimator`. Keys: explore, mi,
+    replay, and fork when a position is given."""
+    db = shlex.quote(str(Path(db_path).expanduser().resolve()))
+    hints = {
+        "explore": f"forkview --db {db}",
+        "mi": f"forkview mi --db {db} --trace {trace_id} --estimator {shlex.quote(estimator)}",
+        "replay": f"forkview replay --db {db} --trace {trace_id}",
+    }
+    if position is not None:
+        hints["fork"] = (f"forkview fork --db {db} --trace {trace_id} --position {position} "
+                         "--top 3")
+    return hints
 
 
 def snippet(text: str, width: int) -> str:

@@ -96,7 +96,7 @@ NOTES = (
     "position, puts the chosen (or typed) token(s) there and continues with the same "
     "settings and its own seed (samples of a greedy trace are drawn at T = 1). Shown "
     "in the explorer, its inherited prefix is faded and the status line reads "
-    "⑂#parent@position; `forkview replay --trace ID` regenerates it token for token."
+    "⑂#parent@position; `forkview replay --db PATH --trace ID` regenerates it token for token."
 )
 
 

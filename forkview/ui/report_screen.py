@@ -383,8 +383,12 @@ class ReportScreen(Screen[None]):
         head = Text(f"{row.model} · {row.estimator} · {row.group}: {res.n_positions:,} "
                     f"positions with MI, |E| {res.n_high:,}, |P| {res.n_peaks:,}, "
                     f"|E∩P| {res.n_both:,}", style="bold")
-        stats.update(Group(head, verdict_text(row), Text(""), controls_table(row), Text(""),
-                           stats_table(row)))
+        # the counterfactual test at this estimator's peaks (forkview mi --positions
+        # categories --peaks-from <estimator>), when there is one
+        cfs = [Text(c.sentence, style="italic") for c in self.report.counterfactual
+               if c.model_id == row.model_id and c.peaks_from == row.estimator]
+        stats.update(Group(head, verdict_text(row), *cfs, Text(""), controls_table(row),
+                           Text(""), stats_table(row)))
         plots.update(Group(Text(""), lag_plot(row), Text(""),
                            entropy_plot(self.report, row.model_id)))
         tokens.update(Group(Text(""), Text("most frequent tokens", style="bold"),

@@ -14,6 +14,17 @@ choice_entropy (H(p~), nats), value_normalised (value / choice_entropy, None whe
 is 0), mixture_n_eff (the mixture's Miller-Madow sample size), n_no_answer, n_cut_off
 and no_answer_class (index into classes, or None). Details of runs made before then
 lack these keys; their params lack mixture_n and cut_off_answers.
+
+Since the third version, "counterfactual": keep vs redraw at the position (p_change,
+p_change_baseline, importance, tv, accuracy_keep, accuracy_redraw, accuracy_change,
+n_keep, n_redraw, unbiased; models/rollout.py, ``counterfactual``), the accuracies
+against the trace's reference answer (None without one). Runs drawn by
+``--positions categories`` add "category" to each position's details (forkview/mi.py).
+
+Two attributes, like ``cancel``, are set by the caller and are not parameters:
+``budget`` (a ``models.rollout.TokenBudget`` shared by the positions of a command:
+the run ends before a position whose worst case would pass it) and ``hooks`` (extra
+keyword arguments for ``rollout_positions``, e.g. ``answer_ids``: scripted outcomes).
 """
 
 from __future__ import annotations
@@ -53,6 +64,11 @@ class RolloutEstimator(Estimator):
         "keep_tokens": True,  # store each continuation's tokens (False: trace rows only)
     }
 
+    def __init__(self, params: Any = None):
+        super().__init__(params)
+        self.budget: Any = None  # models.rollout.TokenBudget, set by the caller
+        self.hooks: dict[str, Any] = {}  # extra keyword arguments for rollout_positions
+
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         if int(params["samples"]) < 1:
             raise ModelError(f"samples must be at least 1, got {params['samples']}")
@@ -82,7 +98,8 @@ class RolloutEstimator(Estimator):
             seed=int(p["seed"]), miller_madow=bool(p["miller_madow"]),
             answer_scope=p["answer_scope"], annotate=bool(p["keep_tokens"]),
             mixture_n=p["mixture_n"], cut_off_answers=p["cut_off_answers"],
-            cancel=self.cancel,
+            reference_answer=trace.reference_answer, budget=self.budget,
+            cancel=self.cancel, **self.hooks,
         )
         for r in results:
             detail = r.details()
