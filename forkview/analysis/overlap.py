@@ -575,6 +575,27 @@ def set_agreement(a: BoolArray, b: BoolArray) -> dict[str, Any]:
             "b_in_a": both / nb if nb else float("nan")}
 
 
+def roc_curve(scores: FloatArray, labels: BoolArray, points: int = 201) -> dict[str, Any]:
+    """The pooled ROC curve of `scores` detecting `labels`: (false positive rate, true
+    positive rate) at every distinct threshold, thinned to about `points` points (the
+    curve behind the AUROC)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
+        return {"fpr": [], "tpr": []}
+    order = np.argsort(-scores, kind="stable")
+    s, lab = scores[order], labels[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the end of each run of equal scores
+    tp = np.cumsum(lab)[last] / n_pos
+    fp = np.cumsum(~lab)[last] / n_neg
+    fpr, tpr = np.r_[0.0, fp], np.r_[0.0, tp]
+    if len(fpr) > points:
+        keep = np.unique(np.linspace(0, len(fpr) - 1, points).astype(np.int64))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
 def density(x: FloatArray, y: FloatArray, bins: int = 24,
             clip: tuple[float, float] = (0.005, 0.995)) -> dict[str, Any]:
     """2-D histogram of (x, y), each axis over its `clip` quantiles (outliers piled into
@@ -601,15 +622,17 @@ def density(x: FloatArray, y: FloatArray, bins: int = 24,
 
 
 def histogram(values: FloatArray, bins: int = 30,
-              upper: float | None = None) -> dict[str, Any]:
-    """Counts of finite values in `bins` equal bins on [0, upper] (upper: the 99.5th
-    percentile by default; larger values in the last bin)."""
+              upper: float | None = None, lower: float | None = 0.0) -> dict[str, Any]:
+    """Counts of finite values in `bins` equal bins on [lower, upper] (lower: 0, or the
+    minimum when None; upper: the 99.5th percentile by default; values beyond it in the
+    last bin)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[_finite(v)]
     if not len(v):
         return {"edges": [], "counts": []}
-    lo = min(0.0, float(v.min()))
-    hi = float(np.quantile(v, 0.995)) if upper is None else upper
+    lo = float(v.min()) if lower is None else min(lower, float(v.min()))
+    hi = (float(np.quantile(v, 0.995)) if lower is not None else float(v.max())) \
+        if upper is None else upper
     if hi <= lo:
         hi = lo + 1.0
     edges = np.linspace(lo, hi, bins + 1)
@@ -665,6 +688,8 @@ class OverlapResult:
     auc_bins: int = 0  # score bins of the AUROC bootstrap (0: exact / none)
     # primary endpoint, chance levels, controls, position profile (inference.infer)
     inference: dict[str, Any] = field(default_factory=dict)
+    # data behind the report's figures: ROC points, the shift null of the odds ratio
+    figures: dict[str, Any] = field(default_factory=dict)
     n_clusters: int = 0  # prompts the bootstrap resamples
 
     @property
@@ -697,6 +722,7 @@ class OverlapResult:
             "density": self.density,
             "auc_bootstrap_bins": self.auc_bins,
             "bootstrap_clusters": self.n_clusters,
+            "figures": self.figures,
             **self.inference,
         }
 
@@ -783,6 +809,7 @@ def analyse(trace: IntArray, position: IntArray, entropy: FloatArray, mi: FloatA
     pvals = _shift_null(hi_, peak, ranks, parts, t_local, n_tr, tot, point, null,
                         np.random.default_rng(np.random.SeedSequence([seed, 2])))
 
+    or_null = pvals.pop("_odds_ratio_null", {})
     stats = {}
     for name in STAT_NAMES:
         lo, hi = intervals.get(name, (None, None))
@@ -819,6 +846,11 @@ def analyse(trace: IntArray, position: IntArray, entropy: FloatArray, mi: FloatA
         tokens=tables,
         density=density(ent, val) if with_density else {},
         auc_bins=auc_bins,
+        figures={"roc": roc_curve(ent, peak),
+                 "odds_ratio_null": {**or_null, "scale": "log",
+                                     "observed": _num(math.log(point["odds_ratio"]))
+                                     if point["odds_ratio"] and point["odds_ratio"] > 0
+                                     and math.isfinite(point["odds_ratio"]) else None}},
         inference=infer(t_local, ent, val, hi_, peak, n_tr, W, clusters,
                         classes=(token_class_codes([texts[i] for i in idx])
                                  if texts is not None else None), refit=refit),
@@ -882,7 +914,12 @@ def _shift_null(high: BoolArray, peak: BoolArray, ranks: FloatArray, parts: Rank
         null["spearman"] = rho.mean(axis=1)
     else:
         null["spearman"] = np.full(iterations, np.nan)
-    return {name: null_test(null[name], point[name]) for name in NULL_STATS}
+    out: dict[str, Any] = {name: null_test(null[name], point[name]) for name in NULL_STATS}
+    # the null distribution of the pooled odds ratio, for the report's figure
+    out["_odds_ratio_null"] = histogram(np.log(np.where(null["odds_ratio"] > 0,
+                                                        null["odds_ratio"], np.nan)),
+                                        bins=30, upper=None, lower=None)
+    return out
 
 
 def agreement_by_trace(trace: IntArray, a: FloatArray, b: FloatArray, *,
