@@ -185,6 +185,36 @@ async def test_sample_n_grows_a_batch_and_shows_the_answers(tiny_lm, db_path):
         assert screen.fork_slot.builds == 1
 
 
+async def test_keep_vs_redraw_runs_one_batch_and_shows_both_distributions(tiny_lm, db_path):
+    """The fork panel's counterfactual: N kept and N redrawn continuations in one batch
+    from one prefix cache, the two answer distributions side by side with their TV."""
+    from forkview.ui.fork_queue import ForkJob, ForkRequest, counterfactual_text
+
+    source = make_source(tiny_lm, db_path)
+    app = fork_app(tiny_lm, db_path, source, max_new_tokens=5)
+    notes = _notes(app)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        token = screen.store.tokens(source)[4]
+        panel = await _open_panel(pilot, 4)
+        panel.query_one("#fork-n", Input).value = "3"
+        await pilot.click("#fork-cf")
+        await _until(pilot, lambda: isinstance(app.screen, ExplorerScreen))
+        await _idle(pilot, screen)
+        kids = sorted(screen.store.children(source), key=lambda k: k.id)
+        assert len(kids) == 6 and screen.fork_slot.builds == 1
+        assert [k.forced_token_ids for k in kids[:3]] == [[token.token_id]] * 3
+        assert all(k.forced_token_ids == [] for k in kids[3:])
+        [summary] = [n for n in notes if n.startswith("counterfactual at position 4")]
+        assert "kept:" in summary and "redrawn:" in summary and "TV " in summary
+    # the numbers: kept all "7", redrawn half "7" half "9" -> TV 0.5, changes 50%
+    job = ForkJob(1, source, 4, ForkRequest("counterfactual", n=2), 5, [], "cf")
+    rows = [(1, "complete", "7", True, 3), (2, "complete", "7", True, 3),
+            (3, "complete", "7", True, 3), (4, "complete", "9", False, 3)]
+    text = counterfactual_text(job, rows)
+    assert "TV 0.50" in text and "answer changes 50%" in text
+
+
 async def test_branch_requests_queue_and_run_one_after_another(tiny_lm, db_path):
     source = make_source(tiny_lm, db_path)
     app = fork_app(tiny_lm, db_path, source, max_new_tokens=30)

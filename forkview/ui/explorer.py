@@ -39,6 +39,7 @@ from forkview.ui.fork_queue import (
     PrefixSlot,
     Result,
     answer_name,
+    counterfactual_text,
     distribution_text,
     mark,
 )
@@ -1023,6 +1024,10 @@ class ExplorerScreen(Screen[None]):
         if not message.results:
             self.notify(f"Stopped before it started: no branch made ({job.label}).",
                         timeout=4)
+            return
+        if job.request.kind == "counterfactual":
+            self.notify(counterfactual_text(job, message.results), title="counterfactual",
+                        timeout=30)
             return
         if job.request.kind == "sample":
             self.notify(distribution_text(job, message.results), title="sample",

@@ -97,6 +97,9 @@ class ForkPanel(ModalScreen[ForkRequest | None]):
     ForkPanel #fork-keep {
         margin: 0 1;
     }
+    ForkPanel #fork-cf {
+        margin-left: 1;
+    }
     """
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "dismiss(None)", "close"),
@@ -132,8 +135,9 @@ class ForkPanel(ModalScreen[ForkRequest | None]):
                 yield Label("sample N")
                 yield Input(str(self.samples), id="fork-n", type="integer", compact=True,
                             max_length=3)
-                yield Checkbox("keep token (else resample it)", id="fork-keep", compact=True)
+                yield Checkbox("keep token", id="fork-keep", compact=True)
                 yield Button("Sample", id="fork-sample", compact=True, variant="primary")
+                yield Button("Keep vs redraw", id="fork-cf", compact=True)
 
     def _token_info(self) -> Text:
         step = self.step
@@ -221,7 +225,16 @@ class ForkPanel(ModalScreen[ForkRequest | None]):
         event.stop()
         self._sample()
 
-    def _sample(self) -> None:
+    @on(Button.Pressed, "#fork-cf")
+    def _counterfactual_pressed(self, event: Button.Pressed) -> None:
+        """N continuations keeping the token and N drawing it anew, in one batch: the
+        answer distributions side by side with their TV distance."""
+        event.stop()
+        n = self._n()
+        if n is not None:
+            self.dismiss(ForkRequest("counterfactual", n=n))
+
+    def _n(self) -> int | None:
         raw = self.query_one("#fork-n", Input).value.strip()
         try:
             n = int(raw or self.samples)
@@ -230,6 +243,12 @@ class ForkPanel(ModalScreen[ForkRequest | None]):
         if not 1 <= n <= MAX_SAMPLES:
             self.notify(f"N must be a whole number from 1 to {MAX_SAMPLES}.",
                         severity="warning")
+            return None
+        return n
+
+    def _sample(self) -> None:
+        n = self._n()
+        if n is None:
             return
         keep = self.query_one("#fork-keep", Checkbox).value
         self.dismiss(ForkRequest("sample", n=n, keep_token=keep))

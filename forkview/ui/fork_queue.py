@@ -37,7 +37,7 @@ class ForkRequest:
     text, encoded to forced tokens by the worker) or `sample` (N continuations,
     keeping the token or resampling it)."""
 
-    kind: str  # choice | text | sample
+    kind: str  # choice | text | sample | counterfactual (n kept + n redrawn, one batch)
     token_id: int | None = None
     text: str = ""  # the typed text; for a choice, the alternative's text (labels)
     n: int = DEFAULT_SAMPLES
@@ -48,6 +48,8 @@ class ForkRequest:
             return f"alternative {self.text!r}"
         if self.kind == "text":
             return f"text {self.text!r}"
+        if self.kind == "counterfactual":
+            return f"counterfactual, {self.n} kept vs {self.n} redrawn"
         return f"{self.n} samples, {'keep token' if self.keep_token else 'resample'}"
 
 
@@ -68,7 +70,9 @@ class ForkJob:
 
     @property
     def rows(self) -> int:
-        return self.request.n if self.request.kind == "sample" else 1
+        kind = self.request.kind
+        return self.request.n * (2 if kind == "counterfactual" else 1) \
+            if kind in ("sample", "counterfactual") else 1
 
 
 Result = tuple[int, str, str | None, bool | None, int]  # id, status, answer, correct, tokens
@@ -76,10 +80,14 @@ Result = tuple[int, str, str | None, bool | None, int]  # id, status, answer, co
 
 def plan(lm: Any, source: forks.ForkSource, job: ForkJob) -> list[forks.PlannedBranch]:
     req = job.request
-    if req.kind == "sample":
+    if req.kind in ("sample", "counterfactual"):
         if not 1 <= req.n <= MAX_SAMPLES:
             raise forks.ForkError(f"N must be between 1 and {MAX_SAMPLES}, not {req.n}")
         params = forks.branch_params(source, max_new_tokens=job.max_new_tokens, sampling=True)
+        if req.kind == "counterfactual":
+            # rows 0..n-1 keep the token, n..2n-1 draw it anew: one batch, one prefix
+            return (forks.plan_samples(source, job.position, req.n, True, params)
+                    + forks.plan_samples(source, job.position, req.n, False, params))
         return forks.plan_samples(source, job.position, req.n, req.keep_token, params)
     params = forks.branch_params(source, max_new_tokens=job.max_new_tokens)
     if req.kind == "choice":
@@ -181,6 +189,34 @@ def distribution(results: Sequence[Result]) -> list[tuple[str, int, bool | None]
     counts = Counter(answer_name(r[2]) for r in results)
     correct = {answer_name(r[2]): r[3] for r in results}
     return [(a, n, correct[a]) for a, n in counts.most_common()]
+
+
+def total_variation(a: Sequence[Result], b: Sequence[Result]) -> float:
+    """Half the L1 distance between two answer distributions ("no answer" an outcome)."""
+    ca = Counter(answer_name(r[2]) for r in a)
+    cb = Counter(answer_name(r[2]) for r in b)
+    na, nb = max(1, len(a)), max(1, len(b))
+    return 0.5 * sum(abs(ca[k] / na - cb[k] / nb) for k in set(ca) | set(cb))
+
+
+def counterfactual_text(job: ForkJob, results: Sequence[Result]) -> str:
+    """Keep vs redraw at one position: the two answer distributions side by side, their
+    total-variation distance and how often a redraw changes the answer (the same
+    quantities as the rollout estimator's counterfactual, from this batch)."""
+    n = job.request.n
+    keep, redraw = results[:n], results[n:]
+    ck = Counter(answer_name(r[2]) for r in keep)
+    cr = Counter(answer_name(r[2]) for r in redraw)
+    p_change = 1 - sum(ck[k] * cr[k] for k in ck) / max(1, len(keep) * len(redraw))
+
+    def show(rows: Sequence[Result]) -> str:
+        return " · ".join(f"{a}×{c}{mark(ok)}" for a, c, ok in distribution(rows)) or "—"
+
+    return (f"counterfactual at position {job.position} of #{job.trace_id}: "
+            f"{len(keep)} kept vs {len(redraw)} redrawn\n"
+            f"kept:    {show(keep)}\nredrawn: {show(redraw)}\n"
+            f"TV {total_variation(keep, redraw):.2f} · answer changes "
+            f"{p_change:.0%} of kept×redrawn pairs")
 
 
 def distribution_text(job: ForkJob, results: Sequence[Result]) -> str:
