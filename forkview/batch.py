@@ -9,8 +9,11 @@ Seeds are derived, not drawn: sample i of prompt p gets `sample_seed(base, p, i)
 (base = --seed, default 0). Re-running the same command therefore asks for exactly
 the same (prompt, params, seed) rows, which is what makes a batch resumable: a row
 with a complete trace of the same model, prompt text, set/id, parameters and seed is
-skipped; a stopped or failed one is made again (the old trace stays, nothing is
-deleted). MI estimators then run on every complete trace of the batch that has no
+skipped; a stopped or failed one is made again. The old trace stays (nothing is
+deleted), but a stopped copy is marked `superseded` as its remake starts (meta points
+from it to the remake, `Store.supersede`), so there is always exactly one counted trace
+per (prompt, model, parameters, seed): reports, listings and exports leave superseded
+traces out. MI estimators then run on every complete trace of the batch that has no
 complete run with the same parameters (an interrupted run resumes in
 `forkview.mi.run_estimator`).
 
@@ -32,7 +35,7 @@ from forkview.prompt_sets import PromptItem
 from models.errors import ModelError
 from models.types import GenerationParams, TokenStep
 from store import Store
-from store.db import canonical_json
+from store.db import canonical_json, write_section
 
 if TYPE_CHECKING:
     from models.estimators import Estimator
@@ -76,6 +79,7 @@ class BatchSummary:
     seconds: float = 0.0  # generating (MI not included)
     mi_runs: int = 0  # estimator runs computed (or finished) now
     mi_skipped: int = 0  # already complete
+    superseded: int = 0  # stopped copies marked superseded by this run's traces
     interrupted: bool = False
 
     @property
@@ -188,11 +192,24 @@ def plan_jobs(items: Sequence[PromptItem], samples: int,
 def completed_traces(store: Store, model_id: int) -> dict[tuple[Any, ...], int]:
     """Key (prompt text, set, id, params) -> id of a complete root trace of this model
     row made from a prompt with that text and source (the newest if several)."""
-    out: dict[tuple[Any, ...], int] = {}
+    return _existing_traces(store, model_id)[0]
+
+
+def _existing_traces(store: Store, model_id: int) -> tuple[dict[tuple[Any, ...], int],
+                                                           dict[tuple[Any, ...], list[int]]]:
+    """(`completed_traces`, key -> ids of the stopped root traces with that key, oldest
+    first: the copies a remake supersedes)."""
+    done: dict[tuple[Any, ...], int] = {}
+    stopped: dict[tuple[Any, ...], list[int]] = {}
     for info in store.root_traces(model_id=model_id):
-        if info.status == "complete" and info.origin == "generate":
-            out[(info.prompt, info.source_set, info.source_id, info.params)] = info.id
-    return out
+        if info.origin != "generate":
+            continue
+        key = (info.prompt, info.source_set, info.source_id, info.params)
+        if info.status == "complete":
+            done[key] = info.id
+        elif info.status == "stopped":
+            stopped.setdefault(key, []).append(info.id)
+    return done, stopped
 
 
 # ---------------------------------------------------------------------- running
@@ -219,7 +236,7 @@ def run_batch(
     groups = plan_jobs(items, samples, params)
     model_id = model_row_id(store, lm)
     prompt_ids = _encode_all(lm, items)  # every prompt is checked before any is generated
-    done = completed_traces(store, model_id)
+    done, stopped = _existing_traces(store, model_id)
     summary = BatchSummary()
     results: dict[tuple[str, int], JobResult] = {}
     todo: list[tuple[list[int], list[BatchJob]]] = []
@@ -234,6 +251,9 @@ def run_batch(
             if tid is not None:
                 r.trace_id, r.status, r.skipped = tid, "complete", True
                 summary.skipped += 1
+                # A stopped copy beside a complete twin (left by an older forkview):
+                # the complete one is the counted one.
+                summary.superseded += len(store.supersede(stopped.get(job.key(), ()), by=tid))
             else:
                 missing.append(job)
         if missing:
@@ -243,10 +263,10 @@ def run_batch(
         progress.start_generation(len(groups), len(groups) - len(todo))
         for ids, jobs in todo:
             summary.generated += len(jobs)
-            stopped = _grow_prompt(lm, store, model_id, ids, jobs, results, summary,
-                                   progress, cancel)
+            cut = _grow_prompt(lm, store, model_id, ids, jobs, results, summary,
+                               progress, cancel, stopped)
             progress.prompt_done()
-            if stopped or (cancel is not None and cancel.is_set()):
+            if cut or (cancel is not None and cancel.is_set()):
                 summary.interrupted = True
                 break
         summary.seconds = time.perf_counter() - t0
@@ -275,9 +295,11 @@ def _encode_all(lm: LoadedModel, items: Sequence[PromptItem]) -> list[list[int]]
 def _grow_prompt(lm: LoadedModel, store: Store, model_id: int, prompt_ids: list[int],
                  jobs: Sequence[BatchJob], results: dict[tuple[str, int], JobResult],
                  summary: BatchSummary, progress: BatchProgress,
-                 cancel: threading.Event | None) -> bool:
-    """One prompt's missing samples as one batch, saved as they grow. True when the
-    batch was cancelled."""
+                 cancel: threading.Event | None,
+                 stopped: dict[tuple[Any, ...], list[int]] | None = None) -> bool:
+    """One prompt's missing samples as one batch, saved as they grow; the stopped copies
+    of each (`stopped`, by job key) are marked superseded by its new trace. True when
+    the batch was cancelled."""
     from forkview.pipeline import record_answer
     from models.branch import BranchRequest, grow_branches
 
@@ -285,13 +307,8 @@ def _grow_prompt(lm: LoadedModel, store: Store, model_id: int, prompt_ids: list[
     prompt_row = store.add_prompt(item.prompt, reference_answer=item.answer,
                                   reference_solution=item.solution or None,
                                   source_set=item.set, source_id=item.id)
-    tids = [store.start_trace(model_id=model_id, prompt_id=prompt_row,
-                              prompt_token_ids=prompt_ids, params=job.params,
-                              origin="generate")
-            for job in jobs]
     rows = [results[(job.item.id, job.index)] for job in jobs]
-    for r, tid in zip(rows, tids, strict=True):
-        r.trace_id, r.status = tid, "running"
+    tids: list[int] = []
     # A row that ends (EOS or its length limit) is closed as complete at once, so an
     # interrupt while the other rows still grow does not mark it stopped.
     eos = lm.eos_token_ids
@@ -305,7 +322,21 @@ def _grow_prompt(lm: LoadedModel, store: Store, model_id: int, prompt_ids: list[
     counts = [0] * len(jobs)
     try:
         with ExitStack() as stack:
-            writers = [stack.enter_context(store.writer(tid)) for tid in tids]
+            writers = []
+            # Each new trace, its writer (which closes it whatever happens) and the
+            # superseding of its stopped copies are one step: an interrupt waits for the
+            # end of it, so no trace is left running and no stopped copy is counted
+            # beside its remake.
+            with write_section():
+                for job, r in zip(jobs, rows, strict=True):
+                    tid = store.start_trace(model_id=model_id, prompt_id=prompt_row,
+                                            prompt_token_ids=prompt_ids, params=job.params,
+                                            origin="generate")
+                    tids.append(tid)
+                    writers.append(stack.enter_context(store.writer(tid)))
+                    r.trace_id, r.status = tid, "running"
+                    summary.superseded += len(store.supersede(
+                        (stopped or {}).get(job.key(), ()), by=tid))
 
             def on_step(row: int, step: TokenStep) -> None:
                 writers[row].add(step)
@@ -324,10 +355,13 @@ def _grow_prompt(lm: LoadedModel, store: Store, model_id: int, prompt_ids: list[
                 w.finish(r.status, out.stop_reason or None)
     finally:
         # Whatever happened, each row's trace is closed (the writers did that) and
-        # gets its answer from the tokens it has.
-        for r, tid in zip(rows, tids, strict=True):
+        # gets its answer from the tokens it has. A remake that failed gives its stopped
+        # copies back their place.
+        for r, tid in zip(rows, tids, strict=False):  # tids: those started
             info = store.trace(tid)
             r.status, r.n_tokens = info.status, info.n_tokens
+            if info.status == "failed":
+                summary.superseded -= len(store.unsupersede(tid))
             record_answer(store, tid, info.text, item.answer)
     return any(r.status == "stopped" for r in rows)
 

@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace id (repeatable; default: all traces)")
     e.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     e.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    e.add_argument("--superseded", action="store_true",
+                   help="without --trace: also export superseded traces (stopped copies a "
+                   "resumed batch made again)")
 
     m = sub.add_parser("mi", help="compute an MI estimator on saved traces (resumable)")
     _db_option(m)
@@ -272,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=_positive_int, default=None)
     t.add_argument("--branches", action="store_true",
                    help="also list branches and rollout continuations (traces with a parent)")
+    t.add_argument("--superseded", action="store_true",
+                   help="also list superseded traces (stopped copies a resumed batch made "
+                   "again; not counted by reports)")
 
     rs = sub.add_parser("rescore", help="score saved traces' tokens with a second model "
                         "(same tokenizer) and keep its entropy beside the original")
@@ -453,9 +459,12 @@ def cmd_annotate_batch(args: argparse.Namespace) -> int:
         else:
             print(job.trace_id)
     stopped = f", {summary.stopped} of them stopped" if summary.stopped else ""
+    replaced = (f"; {summary.superseded} stopped cop{'ies' if summary.superseded != 1 else 'y'}"
+                " marked superseded" if summary.superseded else "")
     _status(f"{len(items)} prompts x {args.samples}: {summary.generated} traces generated "
             f"({summary.tokens} tokens in {summary.seconds:.1f} s{stopped}), "
-            f"{summary.skipped} already complete; MI runs: {summary.mi_runs} computed, "
+            f"{summary.skipped} already complete{replaced}; "
+            f"MI runs: {summary.mi_runs} computed, "
             f"{summary.mi_skipped} already complete"
             + ("; interrupted: re-run the same command to finish"
                if summary.interrupted else ""))
@@ -637,7 +646,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     store = Store.open(args.db, readonly=True)
     for tid in args.trace or ():
         store.trace(tid)  # every id is checked before anything is written
-    rows = iter_export_rows(store, args.trace)
+    rows = iter_export_rows(store, args.trace, superseded=args.superseded)
     fields = ["trace_id", "position", "token_id", "text", "logprob", "rank", "entropy",
               "sampling_entropy", "top", "mi", "answer", "correct"]
     target = (
@@ -664,7 +673,7 @@ def cmd_traces(args: argparse.Namespace) -> int:
 
     store = Store.open(args.db, readonly=True)
     infos = store.list_traces(search=args.search, model=args.model_filter, limit=args.limit,
-                              roots_only=not args.branches)
+                              roots_only=not args.branches, superseded=args.superseded)
     if args.json:
         out = [
             {
@@ -677,6 +686,8 @@ def cmd_traces(args: argparse.Namespace) -> int:
                 "parent_trace_id": t.parent_trace_id, "fork_position": t.fork_position,
                 "origin": t.origin, "forced_token_ids": t.forced_token_ids,
                 "params": t.params.to_json(),
+                **({"superseded_by": store.superseded_by(t.id)}
+                   if t.status == "superseded" else {}),
             }
             for t in infos
         ]
@@ -686,11 +697,13 @@ def cmd_traces(args: argparse.Namespace) -> int:
     if not infos:
         print("no traces", file=sys.stderr)
         return 0
-    print(f"{'id':>5}  {'status':<8}  {'tokens':>6}  {'started (UTC)':<19}  {'model':<28}  prompt")
+    sw = max(8, *(len(t.status) for t in infos))  # "superseded" is 10 wide
+    print(f"{'id':>5}  {'status':<{sw}}  {'tokens':>6}  {'started (UTC)':<19}  {'model':<28}  "
+          "prompt")
     for t in infos:
         prompt = " ".join(t.prompt.split())
-        print(f"{t.id:>5}  {t.status:<8}  {t.n_tokens:>6}  {t.started_at[:19].replace('T', ' ')}"
-              f"  {t.model_name[:28]:<28}  {prompt[:60]}")
+        print(f"{t.id:>5}  {t.status:<{sw}}  {t.n_tokens:>6}  "
+              f"{t.started_at[:19].replace('T', ' ')}  {t.model_name[:28]:<28}  {prompt[:60]}")
     return 0
 
 
@@ -918,8 +931,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
     Store.open(db, readonly=True).close()
     from forkview.app import create_app
 
-    create_app(db_path=db, browse_only=True).run()
-    return 0
+    return _run_tui(create_app(db_path=db, browse_only=True))
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -938,7 +950,39 @@ def cmd_explore(args: argparse.Namespace) -> int:
         db_path=args.db or default_db_path(), model_spec=args.model, device=args.device,
         dtype=args.dtype, params=_params(args), mi_estimators=mi_names,
     )
-    app.run()
+    return _run_tui(app)
+
+
+def _run_tui(app: Any) -> int:
+    """Run the explorer or the browser until it quits or its terminal goes away.
+
+    Here SIGHUP (the window or the SSH connection closing), SIGTERM and SIGINT ask the
+    app to quit as `q` does (`ForkviewApp.hang_up`: running work is saved as stopped;
+    the status is 128 + the signal) and arm a watchdog that ends the process if the app
+    cannot. Not KeyboardInterrupt, as in the other commands (`_raise_interrupt`): raised
+    inside Textual's event loop, one of the several a hangup brings (the kernel's, the
+    shell's, those `uv run` forwards) could cut Textual's cleanup short and leave its
+    input thread, no daemon, spinning on the dead terminal, keeping python and the `uv`
+    waiting for it alive (issue 13). A terminal that goes away without a signal is
+    noticed by the app's driver (forkview.app)."""
+
+
+    hang_up = getattr(app, "hang_up", None)  # a ForkviewApp; any other app runs as is
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        hang_up(128 + signum)
+
+    previous: dict[int, Any] = {}
+    if hang_up is not None:
+        wanted = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
+        previous = {sig: signal.signal(sig, on_signal) for sig in wanted if sig is not None}
+        app.arm_watchdog()
+    try:
+        app.run()
+    finally:
+        if not getattr(app, "hung_up", False):  # after a hangup, repeats change nothing
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return int(getattr(app, "return_code", 0) or 0)
 
 

@@ -139,11 +139,11 @@ def batch_stage(path: Path) -> None:
         raise SystemExit(f"batch annotation failed (exit {code})")
 
 
-# The counterfactual test (issue 10), kept small for two cores: the first T = 1 sample
-# of COUNTERFACTUAL_PROMPTS problems, K = 2 positions per category (E only, P only,
-# E∩P, matched controls; peaks from hsic), S = 3 continuations of up to 64 tokens per
-# alternative, exactly this command:
-COUNTERFACTUAL_PROMPTS = 6
+# The counterfactual test (issue 10), kept small for two cores: the T = 1 traces of
+# the first stage's last COUNTERFACTUAL_TRACES problems, K = 2 positions per category
+# (E only, P only, E∩P, matched controls; peaks from hsic), S = 3 continuations of up
+# to 64 tokens per alternative, exactly this command:
+COUNTERFACTUAL_TRACES = 2
 COUNTERFACTUAL_ARGS = ["mi", "--estimator", "rollout", "--positions", "categories",
                        "--per-category", "2", "--peaks-from", "hsic", "--samples", "3",
                        "--param", "max_new_tokens=64", "--param", "keep_tokens=false",
@@ -155,12 +155,11 @@ def counterfactual_stage(path: Path) -> None:
 
     store = Store.open(path)
     try:
-        batch = [t for t in sorted(store.list_traces(roots_only=True), key=lambda t: t.id)
-                 if t.params.temperature > 0 and t.params.seed is not None]
-        firsts: dict[int, int] = {}
-        for t in batch:
-            firsts.setdefault(t.prompt_id, t.id)
-        ids = sorted(firsts.values())[-COUNTERFACTUAL_PROMPTS:]
+        # the first stage's sampled traces: seeds SAMPLE_SEED_BASE + problem index
+        first = range(SAMPLE_SEED_BASE, SAMPLE_SEED_BASE + 1000)
+        sampled = sorted(t.id for t in store.list_traces(roots_only=True)
+                         if t.params.seed is not None and t.params.seed in first)
+        ids = sampled[-COUNTERFACTUAL_TRACES:]
     finally:
         store.close()
     argv = [*COUNTERFACTUAL_ARGS, "--db", str(path)]

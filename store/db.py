@@ -34,6 +34,9 @@ from store.errors import StoreError
 from store.schema import ORIGINS, SCHEMA_VERSION, ModelRow, PromptRow, TraceRow
 
 FORKVIEW_TABLES = {"meta", "models", "prompts", "traces", "tokens"}
+# meta key prefix of a superseded trace's pointer: `superseded_by:<its uid>` = the uid
+# of the trace that replaced it (see Store.supersede).
+SUPERSEDED_KEY = "superseded_by:"
 
 
 def now_iso() -> str:
@@ -311,7 +314,8 @@ class Store:
                          pid: int | None) -> tuple[str, str | None]:
         """(status, stop_reason) as a reader should see them: a `running` trace whose
         writer is gone reads as ("stopped", "crashed"), what the next writable open
-        records; anything else as stored."""
+        records; anything else as stored (`complete`, `stopped`, `failed`, and
+        `superseded`: a stopped copy a resumed batch made again, see `supersede`)."""
         if status == "running" and is_stale(host, pid):
             return "stopped", "crashed"
         return status, stop_reason
@@ -531,14 +535,17 @@ class Store:
 
     def list_traces(
         self, *, search: str | None = None, model: str | None = None, limit: int | None = None,
-        roots_only: bool = False,
+        roots_only: bool = False, superseded: bool = False,
     ) -> list[TraceInfo]:
         """Newest first. `search` matches prompt or output text, `model` the model's
         name or spec (case-insensitive substrings); `roots_only` leaves out branches and
-        rollout continuations (traces with a parent)."""
+        rollout continuations (traces with a parent); superseded traces (stopped copies
+        a resumed batch made again) are left out unless `superseded`."""
         where, args = [], []
         if roots_only:
             where.append("t.parent_trace_id IS NULL")
+        if not superseded:
+            where.append("t.status != 'superseded'")
         if search:
             where.append("(p.text LIKE ? OR t.text LIKE ?)")
             args += [f"%{search}%", f"%{search}%"]
@@ -797,9 +804,62 @@ class Store:
                 latest[run.estimator] = run
         return {name: self.mi_values(run.id) for name, run in latest.items()}
 
-    def count_traces(self) -> int:
+    def count_traces(self, *, superseded: bool = False) -> int:
+        """Number of traces, superseded ones only with `superseded`."""
+        sql = "SELECT COUNT(*) FROM traces"
+        if not superseded:
+            sql += " WHERE status != 'superseded'"
         with self.engine.connect() as conn:
-            return int(conn.exec_driver_sql("SELECT COUNT(*) FROM traces").scalar() or 0)
+            return int(conn.exec_driver_sql(sql).scalar() or 0)
+
+    # ------------------------------------------------------------------ superseded copies
+    def supersede(self, trace_ids: Iterable[int], *, by: int) -> list[int]:
+        """Mark stopped traces as made again by trace `by` (a resumed batch remade the
+        same model, prompt, parameters and seed): their status becomes `superseded`
+        (stop_reason, tokens, MI runs all kept, nothing deleted) and meta gets a row
+        `superseded_by:<their uid>` = `<by's uid>`. Only traces stored as `stopped`
+        change. Returns the ids marked."""
+        ids = [int(t) for t in trace_ids if int(t) != int(by)]
+        if not ids:
+            return []
+        marked = []
+        with write_section(), self.engine.begin() as conn:
+            new_uid = conn.exec_driver_sql("SELECT uid FROM traces WHERE id = ?",
+                                           (int(by),)).scalar_one()
+            for tid in ids:
+                uid = conn.exec_driver_sql(
+                    "UPDATE traces SET status = 'superseded' WHERE id = ? AND status = 'stopped' "
+                    "RETURNING uid", (tid,)).scalar()
+                if uid is None:
+                    continue
+                conn.exec_driver_sql("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                     (SUPERSEDED_KEY + uid, new_uid))
+                marked.append(tid)
+        return marked
+
+    def unsupersede(self, by: int) -> list[int]:
+        """Undo `supersede` for the traces trace `by` replaced (it failed, so they count
+        again): back to `stopped`, their meta rows removed. Returns their ids."""
+        with write_section(), self.engine.begin() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT t.id, m.key FROM meta m JOIN traces t ON m.key = ? || t.uid "
+                "WHERE m.value = (SELECT uid FROM traces WHERE id = ?) "
+                "AND t.status = 'superseded' ORDER BY t.id",
+                (SUPERSEDED_KEY, int(by))).fetchall()
+            for tid, key in rows:
+                conn.exec_driver_sql("UPDATE traces SET status = 'stopped' WHERE id = ?", (tid,))
+                conn.exec_driver_sql("DELETE FROM meta WHERE key = ?", (key,))
+        return [int(r[0]) for r in rows]
+
+    def superseded_by(self, trace_id: int) -> int | None:
+        """The id of the trace that replaced a superseded trace (None if it is not
+        superseded, or the pointer did not survive, e.g. a merge)."""
+        with self.engine.connect() as conn:
+            found = conn.exec_driver_sql(
+                "SELECT n.id FROM traces t JOIN meta m ON m.key = ? || t.uid "
+                "JOIN traces n ON n.uid = m.value WHERE t.id = ?",
+                (SUPERSEDED_KEY, int(trace_id))).scalar()
+        return None if found is None else int(found)
 
     # ------------------------------------------------------------------ batches and rescoring
     def other_reference(self, trace_id: int) -> tuple[int, str | None, str | None] | None:
@@ -1087,9 +1147,13 @@ class TraceWriter:
             self.finish("failed", error=f"{exc_type.__name__}: {exc}")
 
 
-def iter_export_rows(store: Store, trace_ids: Sequence[int] | None) -> Iterator[dict[str, Any]]:
-    """One dict per token, in trace then position order (the export contract)."""
-    ids = list(trace_ids) if trace_ids else [t.id for t in reversed(store.list_traces())]
+def iter_export_rows(store: Store, trace_ids: Sequence[int] | None, *,
+                     superseded: bool = False) -> Iterator[dict[str, Any]]:
+    """One dict per token, in trace then position order (the export contract). Without
+    `trace_ids`: every trace, superseded ones only with `superseded` (ids given are
+    exported whatever their status)."""
+    ids = (list(trace_ids) if trace_ids
+           else [t.id for t in reversed(store.list_traces(superseded=superseded))])
     for tid in ids:
         info = store.trace(tid)  # clear error for unknown ids
         mi = store.latest_mi(tid)

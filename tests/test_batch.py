@@ -100,12 +100,39 @@ def test_interrupt_keeps_tokens_and_rerun_finishes(tiny_lm, db_path):
         info = store.trace(j.trace_id)
         assert info.status == "stopped" and info.stop_reason == "interrupted"
         assert len(store.tokens(info.id)) == info.n_tokens
+    # A remake that fails leaves the stopped copies counted.
+    with pytest.raises(RuntimeError, match="boom"):
+        run_batch(tiny_lm, store, ITEMS, params, samples=2, progress=_Fail())
+    failed = [t for t in store.list_traces() if t.status == "failed"]
+    assert len(failed) == 2
+    assert {store.trace(j.trace_id).status for j in stopped} == {"stopped"}
     done = run_batch(tiny_lm, store, ITEMS, params, samples=2)
     assert done.generated == 4 and done.skipped == 0 and not done.interrupted
+    assert done.superseded == 2
     assert all(store.trace(t).status == "complete" for t in done.trace_ids)
-    # The stopped traces are still there (nothing is deleted).
-    assert {store.trace(j.trace_id).status for j in stopped} == {"stopped"}
+    # The stopped traces are still there (nothing is deleted), marked superseded by
+    # their remakes (stop_reason kept), and no longer listed.
+    for j in stopped:
+        info = store.trace(j.trace_id)
+        assert (info.status, info.stop_reason) == ("superseded", "interrupted")
+        remake = next(t for t in done.jobs if (t.prompt_id, t.sample) == (j.prompt_id,
+                                                                           j.sample))
+        assert store.superseded_by(j.trace_id) == remake.trace_id
+    listed = {t.id for t in store.list_traces()}
+    assert listed.isdisjoint(j.trace_id for j in stopped)
     assert run_batch(tiny_lm, store, ITEMS, params, samples=2).generated == 0
+    # A stopped copy beside a complete twin (as an older forkview left them) is
+    # superseded when the batch is run again and skips its key.
+    for j in stopped:
+        store.unsupersede(store.superseded_by(j.trace_id))
+    again = run_batch(tiny_lm, store, ITEMS, params, samples=2)
+    assert again.generated == 0 and again.superseded == 2
+    assert {store.trace(j.trace_id).status for j in stopped} == {"superseded"}
+
+
+class _Fail(BatchProgress):
+    def tokens(self, n: int) -> None:
+        raise RuntimeError("boom")
 
 
 def test_rows_that_ended_stay_complete_when_interrupted(tiny_lm, tmp_path):
@@ -241,3 +268,143 @@ def test_read_prompt_file_formats(tmp_path):
     assert (items[0].id, items[0].set, items[0].answer) == ("S-000", "S", None)
     with pytest.raises(ValueError, match="unsupported"):
         read_prompt_file(_write(tmp_path, "s.txt", "x"))
+
+
+def _ro_count(db: Path, query: str) -> int:
+    import sqlite3
+    import urllib.parse
+
+    if not db.exists():
+        return 0
+    uri = "file:" + urllib.parse.quote(str(db.resolve())) + "?mode=ro"
+    try:
+        con = sqlite3.connect(uri, uri=True, timeout=1)
+        try:
+            return int(con.execute(query).fetchone()[0] or 0)
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet, or mid-creation
+        return 0
+
+
+def test_ctrl_c_then_resume_counts_each_trace_once(tiny_model_dir, tmp_path, capsys):
+    """The real thing: `annotate --prompts --samples 2` is sent SIGINT once its first
+    tokens are saved, then the same command runs to the end. Every (prompt, seed) has
+    exactly one counted trace; the stopped copies are kept, marked superseded; the
+    listing, export and report see only the counted ones unless asked."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from forkview.analysis.report import ReportSettings, build_report
+
+    f = _write(tmp_path, "p.jsonl", "".join(
+        json.dumps({"id": f"q{i}", "prompt": f"What is {i} + {i}?", "answer": str(2 * i)})
+        + "\n" for i in range(2)))
+    db = tmp_path / "resume.db"
+    # 96 tokens a row: these seeds reach no EOS before it, so the batch is still
+    # growing when the signal lands.
+    args = ["annotate", "--prompts", str(f), "--samples", "2", "--model", str(tiny_model_dir),
+            "--db", str(db), "--max-new-tokens", "96", "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "forkview", *args],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while _ro_count(db, "SELECT COUNT(*) FROM tokens") == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "nothing generated"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    first = Store.open(db, readonly=True)
+    stopped = {t.id: t for t in first.list_traces() if t.status == "stopped"}
+    assert stopped, [(t.id, t.status) for t in first.list_traces()]
+    assert all(t.stop_reason == "interrupted" and t.n_tokens > 0 for t in stopped.values())
+    first.close()
+
+    assert main(args) == 0  # the same command again, to the end
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 4 and all(r["status"] == "complete" for r in rows)
+    store = Store.open(db, readonly=True)
+    every = store.list_traces(superseded=True)
+    counted = [t for t in every if t.status != "superseded"]
+    keys = [(t.prompt, t.params.seed) for t in counted]
+    assert len(keys) == len(set(keys)) == 4  # one counted trace per (prompt, seed)
+    assert sorted(t.id for t in counted) == sorted(r["trace_id"] for r in rows)
+    assert {t.status for t in counted} == {"complete"}
+    for tid, old in stopped.items():  # kept, marked, pointing at their remake
+        now = store.trace(tid)
+        assert (now.status, now.stop_reason, now.n_tokens) == (
+            "superseded", "interrupted", old.n_tokens)
+        assert len(store.tokens(tid)) == old.n_tokens
+        remake = store.trace(store.superseded_by(tid))
+        assert (remake.prompt, remake.params) == (old.prompt, old.params)
+        assert remake.status == "complete"
+    assert len(every) == 4 + len(stopped)
+
+    assert main(["traces", "--db", str(db), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(t["trace_id"] for t in listed) == sorted(t.id for t in counted)
+    assert main(["traces", "--db", str(db), "--json", "--superseded"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(t["trace_id"] for t in listed) == sorted(t.id for t in every)
+    assert {t["trace_id"]: t["superseded_by"] for t in listed if "superseded_by" in t} == {
+        tid: store.superseded_by(tid) for tid in stopped}
+    assert main(["traces", "--db", str(db)]) == 0
+    assert "superseded" not in capsys.readouterr().out
+    assert main(["export", "--db", str(db)]) == 0
+    exported = {json.loads(line)["trace_id"] for line in capsys.readouterr().out.splitlines()}
+    assert exported == {t.id for t in counted}
+    assert main(["export", "--db", str(db), "--superseded"]) == 0
+    exported = {json.loads(line)["trace_id"] for line in capsys.readouterr().out.splitlines()}
+    assert exported == {t.id for t in every}
+
+    report = build_report(store, ReportSettings(bootstrap=0, null=0))
+    assert report.n_traces == 4
+    assert sum(m.n_tokens for m in report.models) == sum(t.n_tokens for t in counted)
+
+
+async def test_browser_hides_superseded_until_s(db_path):
+    from textual.widgets import DataTable, Label
+
+    from forkview.app import create_app
+    from forkview.ui.browser import BrowserScreen
+    from models.types import TokenStep
+
+    store = Store.open(db_path)
+    model = store.upsert_model(name="tiny", spec="tiny", kind="dir", dtype="float32",
+                               device="cpu")
+    prompt = store.add_prompt("What is 2 + 5?", source_set="toy", source_id="q2")
+    old, new = (store.start_trace(model_id=model, prompt_id=prompt, prompt_token_ids=[1],
+                                  params=SAMPLED) for _ in range(2))
+    for tid, status in ((old, "stopped"), (new, "complete")):
+        with store.writer(tid) as w:
+            w.add(TokenStep(0, 5, " 7", -0.1, 1, 0.2, 0.0))
+            w.finish(status, "interrupted" if status == "stopped" else "eos")
+    assert store.supersede([old], by=new) == [old]
+    store.close()
+    app = create_app(db_path=db_path, browse_only=True)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, BrowserScreen)
+        table = screen.query_one(DataTable)
+        count = screen.query_one("#browser-count", Label)
+        assert [t.id for t in screen.traces] == [new] and table.row_count == 1
+        assert "s shows 1 superseded" in str(count.render())
+        await pilot.press("s")
+        await pilot.pause()
+        assert [t.id for t in screen.traces] == [new, old] and table.row_count == 2
+        assert str(table.get_cell(str(old), "status")) == "superseded"
+        assert "s hides superseded" in str(count.render())
+        await pilot.press("s")
+        await pilot.pause()
+        assert table.row_count == 1

@@ -399,6 +399,6 @@ def test_report_has_a_counterfactual_section(tiny_model_dir, db_path, capsys):
     md = render_markdown(report)
     assert "## Counterfactual" in md and row.sentence.split(":")[0] in md
     assert json.loads(render_json(report))["counterfactual"][0]["peaks_from"] == "hsic"
-    assert "counterfactual importance" in render_html(report)
+    assert "Counterfactual: does the answer move" in render_html(report)
     # the categories run is not the trace's rollout MI in the overlap rows: it is its
     # own estimator run, shown there like any rollout run

@@ -419,6 +419,44 @@ def test_export_rows(db_path: Path) -> None:
     assert [r["trace_id"] for r in iter_export_rows(store, [t2])] == [t2]
 
 
+def test_superseded_traces_are_kept_but_not_listed(db_path: Path) -> None:
+    """A stopped copy made again is marked superseded (tokens and stop_reason kept,
+    meta points at its replacement); listings, counts and exports leave it out unless
+    asked; a remake that failed gives it back."""
+    store = Store.open(db_path)
+    old = new_trace(store)
+    with store.writer(old) as w:
+        w.add_all([make_step(0), make_step(1)])
+        w.finish("stopped", "interrupted")
+    done = new_trace(store)  # a complete trace is never superseded
+    with store.writer(done) as w:
+        w.add(make_step(0))
+    new = new_trace(store)
+    with store.writer(new) as w:
+        w.add_all([make_step(0), make_step(1), make_step(2)])
+    assert store.supersede([old, done, new], by=new) == [old]
+    info = store.trace(old)
+    assert (info.status, info.stop_reason, info.n_tokens) == ("superseded", "interrupted", 2)
+    assert len(store.tokens(old)) == 2
+    assert store.trace(done).status == "complete"
+    assert store.superseded_by(old) == new and store.superseded_by(done) is None
+    assert sql(db_path, "SELECT key, value FROM meta WHERE key LIKE 'superseded_by:%'") == [
+        (f"superseded_by:{info.uid}", store.trace(new).uid)]
+    assert [t.id for t in store.list_traces()] == [new, done]
+    assert [t.id for t in store.list_traces(superseded=True)] == [new, done, old]
+    assert (store.count_traces(), store.count_traces(superseded=True)) == (2, 3)
+    assert {r["trace_id"] for r in iter_export_rows(store, None)} == {done, new}
+    assert {r["trace_id"] for r in iter_export_rows(store, None, superseded=True)} == {
+        old, done, new}
+    assert {r["trace_id"] for r in iter_export_rows(store, [old])} == {old}  # asked by id
+    ro = Store.open(db_path, readonly=True)
+    assert ro.trace(old).status == "superseded" and ro.superseded_by(old) == new
+    assert store.supersede([old], by=new) == []  # only stopped traces change
+    assert store.unsupersede(new) == [old]
+    assert store.trace(old).status == "stopped" and store.superseded_by(old) is None
+    assert sql(db_path, "SELECT COUNT(*) FROM meta WHERE key LIKE 'superseded_by:%'") == [(0,)]
+
+
 # ---------------------------------------------------------------- processes
 
 # The subprocesses reuse the helpers above by source, not by importing this module

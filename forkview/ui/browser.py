@@ -19,7 +19,8 @@ from textual.widgets.data_table import CellDoesNotExist
 
 from store import Store, StoreError, TraceInfo
 
-STATUS_STYLE = {"complete": "green", "stopped": "yellow", "failed": "red", "running": "cyan"}
+STATUS_STYLE = {"complete": "green", "stopped": "yellow", "failed": "red", "running": "cyan",
+                "superseded": "dim"}
 LIST_LIMIT = 1000  # the browser is for looking around; the CLI exports everything
 
 
@@ -89,6 +90,9 @@ class BrowserScreen(Screen[int | None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "back"),
         Binding("slash", "filter", "filter"),
+        # Superseded traces (stopped copies a resumed batch made again) are hidden until
+        # asked for; the count line says so when there are any.
+        Binding("s", "toggle_superseded", "superseded", show=False),
         Binding("question_mark,f1", "app.help", "help"),
         Binding("q", "app.quit", "quit"),
     ]
@@ -97,6 +101,7 @@ class BrowserScreen(Screen[int | None]):
         super().__init__()
         self.store = store
         self.traces: list[TraceInfo] = []
+        self.show_superseded = False
         self._debounce: Timer | None = None
 
     def compose(self) -> ComposeResult:
@@ -127,7 +132,8 @@ class BrowserScreen(Screen[int | None]):
             # Branches and rollout continuations (often hundreds per trace) belong in a
             # trace's family, not in this list.
             self.traces = self.store.list_traces(search=search, model=model, limit=LIST_LIMIT,
-                                                 roots_only=True)
+                                                 roots_only=True,
+                                                 superseded=self.show_superseded)
         except StoreError as e:
             self.notify(str(e), severity="error")
             self.traces = []
@@ -138,10 +144,11 @@ class BrowserScreen(Screen[int | None]):
         selected = self._selected_id()
         table.clear(columns=True)
         model_w = 22 if self.size.width >= 110 else 14
-        fixed = 5 + 8 + model_w + 5 + 16 + 6 * 2 + 2  # columns + cell padding + scrollbar
+        status_w = 10 if self.show_superseded else 8  # "superseded" is 10 wide
+        fixed = 5 + status_w + model_w + 5 + 16 + 6 * 2 + 2  # columns, cell padding, scrollbar
         prompt_w = max(16, self.size.width - fixed)
         table.add_column("id", key="id", width=5)
-        table.add_column("status", key="status", width=8)
+        table.add_column("status", key="status", width=status_w)
         table.add_column("model", key="model", width=model_w)
         table.add_column("tok", key="tok", width=5)
         table.add_column("started (UTC)", key="started", width=16)
@@ -162,9 +169,15 @@ class BrowserScreen(Screen[int | None]):
         shown = f"{n} trace{'s' if n != 1 else ''}"
         if n >= LIST_LIMIT:
             shown += f" (newest {LIST_LIMIT}; narrow the filter)"
-        total = self.store.count_traces()
+        total = self.store.count_traces(superseded=self.show_superseded)
         if total != n:
             shown += f" of {total}"
+        hidden = (0 if self.show_superseded
+                  else self.store.count_traces(superseded=True) - total)
+        if hidden:
+            shown += f" · s shows {hidden} superseded"
+        elif self.show_superseded:
+            shown += " · s hides superseded"
         self.query_one("#browser-count", Label).update(
             shown + " · Enter opens · / filters · Esc back")
 
@@ -196,6 +209,10 @@ class BrowserScreen(Screen[int | None]):
     def _open(self, event: DataTable.RowSelected) -> None:
         if event.row_key.value is not None:
             self.dismiss(int(event.row_key.value))
+
+    def action_toggle_superseded(self) -> None:
+        self.show_superseded = not self.show_superseded
+        self.reload()
 
     def action_filter(self) -> None:
         self.query_one("#filter-text", Input).focus()

@@ -351,8 +351,8 @@ class ExplorerScreen(Screen[None]):
         """Commands that work as printed: this database by path, the estimator on view."""
         from forkview.ui.browser import command_hints
 
-        est = next((s.current.run.estimator for s in self.mi if s.current is not None),
-                   "hsic")
+        current = self.mi.current
+        est = current.run.estimator if current is not None else "hsic"
         return command_hints(self.store.path, trace_id or self.trace_id or 0, position,
                              estimator=est)
 

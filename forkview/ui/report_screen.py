@@ -202,10 +202,9 @@ class ReportFailed(Message):
 
 
 # ---------------------------------------------------------------------- the screen
-# The primary endpoint first (OR of E x P within trace x position bin, its interval,
-# Holm-adjusted p, verdict), then the raw and the position-controlled Spearman.
-SUMMARY_COLUMNS = ("model", "estimator", "n", "OR", "95% CI", "p adj", "verdict", "ρ",
-                   "ρ|pos")
+# The primary endpoint (OR of E x P within trace x position bin, its interval, the
+# Holm-adjusted p) and the verdict: what fits 80 columns; the rest is in the detail.
+SUMMARY_COLUMNS = ("model", "estimator", "n", "OR", "95% CI", "p adj", "verdict")
 
 
 class ReportScreen(Screen[None]):
@@ -332,21 +331,22 @@ class ReportScreen(Screen[None]):
         table.clear(columns=True)
         table.add_columns(*SUMMARY_COLUMNS)
         for i, r in enumerate(self.report.rows):
-            s, prim = r.result.stats, r.result.primary
-            part = r.result.controls.get("spearman_partial_position", {})
+            prim = r.result.primary
             # Narrow enough for 80 columns: names cut, the split folded into the estimator.
             est = r.estimator if r.group == "all" else f"{r.estimator}·{r.group}"
             word = r.verdict.word if r.verdict else "—"
             table.add_row(Text(_cut(r.model, 14)), Text(_cut(est, 14)),
                           fmt(r.result.n_traces), fmt(prim.get("estimate"), 2),
                           fmt_interval(prim.get("ci")), fmt_p2(prim.get("adjusted_p")),
-                          Text(word), fmt(s["spearman"].value), fmt(part.get("estimate")),
-                          key=str(i))
+                          Text(word), key=str(i))
         st = self.report.settings
+        # short enough for 80 columns: the full definitions are in `forkview report`
+        e = st.entropy
+        e_short = (f"H ≥ {e.threshold:g}" if e.scope == "threshold"
+                   else f"top {e.rho * 100:g}% ({e.scope})")
         self.query_one("#report-status", Label).update(
-            f"{self.report.n_traces:,} traces · E: {st.entropy.label} · P: {st.peaks.label} · "
-            f"{st.bootstrap} resamples, {st.null} shifts, seed {st.seed} · "
-            f"forkview {self.report.version}")
+            f"{self.report.n_traces:,} traces · E {e_short} · P {st.peaks.label} · "
+            f"boot {st.bootstrap} · seed {st.seed}")
         self._show_detail(0)
 
     @on(ReportFailed)
