@@ -206,6 +206,37 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit a hub model's files resolve to in the local Hugging Face cache (the
+    `snapshots/<commit>/` folder its config.json is in, found through refs/main): what
+    was just loaded, online or offline. None when it is not cached there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:
+        return None
+    if not isinstance(path, str):
+        return None
+    snapshot = Path(path).parent
+    if snapshot.parent.name != "snapshots" or not _COMMIT.match(snapshot.name):
+        return None
+    return snapshot.name
+
+
+def stored_spec(spec: str | None, resolved: ResolvedSpec) -> str:
+    """The spec a model is stored under: a local directory or .gguf file as its
+    absolute path (so `./model` typed in one directory loads the same files from any
+    other, and names one `models` row however it was typed); `default` and hub ids as
+    given."""
+    if resolved.kind in ("dir", "gguf"):
+        return resolved.location
+    return (spec or "default").strip() or "default"
+
+
 def hub_cached(repo_id: str) -> bool:
     """Whether the hub cache holds this model (its config.json at revision main)."""
     from huggingface_hub import try_to_load_from_cache
@@ -506,12 +537,16 @@ def load_model(
         if resolved.kind == "dir":
             content_hash = _dir_fingerprint(Path(resolved.location))
         else:
-            revision = getattr(model.config, "_commit_hash", None)
+            # transformers 4 kept the commit on the config; 5 does not: read it from
+            # the cache the files were just resolved in.
+            commit = getattr(model.config, "_commit_hash", None)
+            revision = (commit if isinstance(commit, str) and _COMMIT.match(commit)
+                        else hub_revision(resolved.location))
     return wrap_model(
         model,
         tok,
         name=resolved.name,
-        spec=spec or "default",
+        spec=stored_spec(spec, resolved),
         kind=resolved.kind,
         content_hash=content_hash,
         revision=revision,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -794,3 +795,104 @@ def test_corrupted_cache_is_rebuilt(real_lm, tmp_path: Path,
 
     again = load_model("default", device="cpu")
     assert again.from_cache
+
+
+# ------------------------------------------------------------------ provenance
+COMMIT = "3f2a9c0d5e1b7a4f6c8d0e2b4a6c8e0f1a3b5c7d"
+
+
+def put_in_hub_cache_at(cache: Path, repo_id: str, model_dir: Path, commit: str) -> Path:
+    """huggingface_hub's cache layout: refs/main names the commit, the files are in
+    snapshots/<commit>/ (an older snapshot beside it, as after an update)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, repo / "snapshots" / REV)
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def test_hub_revision_is_the_cached_commit(hub: Path, tiny_model_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+                                           ) -> None:
+    """On transformers 5 the config no longer carries the commit: it is read from the
+    snapshot folder the files resolve to, offline, and stored with the model."""
+    from forkview.pipeline import model_row_id
+    from store import Store
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    put_in_hub_cache_at(hub, "someorg/tiny", tiny_model_dir, COMMIT)
+    assert loading.hub_revision("someorg/tiny") == COMMIT
+    assert loading.hub_revision("someorg/not-cached") is None
+    lm = load_model("someorg/tiny", device="cpu")
+    assert (lm.kind, lm.spec, lm.revision, lm.content_hash) == (
+        "hub", "someorg/tiny", COMMIT, None)
+    store = Store.open(tmp_path / "t.db")
+    row = store.model_row(model_row_id(store, lm))
+    assert row is not None and (row["spec"], row["revision"]) == ("someorg/tiny", COMMIT)
+    store.close()
+
+
+def test_hub_revision_recorded_from_env_cache_offline(tiny_model_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """End to end, as a user runs it: HF_HUB_CACHE points at the cache, HF_HUB_OFFLINE=1,
+    and `forkview annotate` stores the commit in models.revision."""
+    import sqlite3
+
+    put_in_hub_cache_at(tmp_path / "hub", "someorg/tiny", tiny_model_dir, COMMIT)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ENDPOINT")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1",
+               FORKVIEW_CACHE=str(tmp_path / "fv-cache"))
+    db = tmp_path / "t.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "forkview", "annotate", "--prompt", "hi", "--model",
+         "someorg/tiny", "--device", "cpu", "--max-new-tokens", "3", "--db", str(db)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT spec, kind, revision FROM models").fetchall()
+    con.close()
+    assert rows == [("someorg/tiny", "hub", COMMIT)]
+
+
+def test_local_specs_are_stored_absolute(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "w.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    for typed, stored in (("./m", tmp_path / "m"), ("m/", tmp_path / "m"),
+                          ("w.gguf", tmp_path / "w.gguf")):
+        assert loading.stored_spec(typed, resolve_spec(typed)) == str(stored.resolve())
+    assert loading.stored_spec("default", resolve_spec("default")) == "default"
+
+
+def test_relative_model_path_replays_from_another_directory(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--model ./dir` is stored as the absolute path: a replay from elsewhere loads the
+    same files, and the same directory typed two ways is one `models` row (one model
+    in the report)."""
+    import sqlite3
+
+    from forkview.cli import main
+
+    db = str(tmp_path / "t.db")
+    common = ["--device", "cpu", "--max-new-tokens", "4", "--db", db]
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert main(["annotate", "--prompt", "Tom has 3 apples.", "--model",
+                 f"./{tiny_model_dir.name}", *common]) == 0
+    first = int(capsys.readouterr().out.split()[-1])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["annotate", "--prompt", "Tom has 3 apples.", "--model",
+                 str(tiny_model_dir), *common]) == 0
+    capsys.readouterr()
+    assert main(["replay", "--trace", str(first), "--db", db, "--device", "cpu"]) == 0
+    assert "replays token for token" in capsys.readouterr().out
+    with sqlite3.connect(db) as con:
+        specs = con.execute("SELECT spec FROM models").fetchall()
+    con.close()
+    assert specs == [(str(tiny_model_dir.resolve()),)]

@@ -118,13 +118,17 @@ class CounterfactualRow:
 
 def analyse(positions: list[CounterfactualPosition], model_names: dict[int, str], *,
             bootstrap: int, seed: int) -> list[CounterfactualRow]:
+    """Per model × peak source: means per category; intervals, tests and power only
+    with at least inference.MIN_CLUSTERS prompts (a bootstrap over fewer is no
+    interval)."""
     rows = []
     groups: dict[tuple[int, str], list[CounterfactualPosition]] = {}
     for p in positions:
         groups.setdefault((p.model_id, p.peaks_from), []).append(p)
     for (model, peaks_from), ps in sorted(groups.items()):
         prompts, cluster = np.unique([p.prompt for p in ps], return_inverse=True)
-        W = inf.bootstrap_weights_for(len(prompts), bootstrap, seed)
+        enough = len(prompts) >= inf.MIN_CLUSTERS
+        W = inf.bootstrap_weights_for(len(prompts), bootstrap if enough else 0, seed)
         cat = np.array([p.category for p in ps])
         row = CounterfactualRow(model, model_names.get(model, f"model {model}"), peaks_from,
                                 n_traces=len({p.trace_id for p in ps}),
@@ -188,6 +192,11 @@ def _sentence(row: CounterfactualRow) -> str:
     if r is None:
         return (f"{row.model} · peaks from {row.peaks_from}: too few E-only or control "
                 "positions with an answer to compare.")
+    if row.n_prompts < inf.MIN_CLUSTERS:
+        return (f"{row.model} · peaks from {row.peaks_from}: redrawing an E-only token "
+                f"changed the answer {r:.2f} times as often as redrawing a matched control, "
+                f"but over only {row.n_prompts} prompt(s): no interval or test (at least "
+                f"{inf.MIN_CLUSTERS} prompts are needed); a description, not a finding.")
     ci_text = ("" if ci[0] is None or ci[1] is None
                else f" [95% CI {ci[0]:.2f}, {ci[1]:.2f}]")
     det = d.get("detectable_80")

@@ -37,6 +37,9 @@ import numpy as np
 POSITION_BINS = 10
 TOKEN_CLASSES = ("word", "number", "punct", "newline", "space")
 ALPHA = 0.05
+# Fewer prompts than this give no bootstrap interval worth the name (the resamples can
+# only recombine a handful of clusters): no verdict other than "no evidence" then.
+MIN_CLUSTERS = 5
 # Bins of the entropy ranks (per side of E's threshold, so the full sample's E is
 # reproduced exactly) for refitting E's threshold in each resample.
 _REFIT_BINS = 512
@@ -412,7 +415,7 @@ def detectable_odds_ratio(ci: tuple[float, float], level: float = 0.95,
 
 
 def verdict(estimate: float, ci: tuple[float, float], adjusted_p: float, *,
-            label: str, caveats: Sequence[str] = ()) -> Verdict:
+            label: str, caveats: Sequence[str] = (), clusters: int | None = None) -> Verdict:
     """"enriched" / "depleted" when the adjusted p is below 5% and the interval excludes
     1; otherwise "no evidence". The sentence always carries the number."""
     lo, hi = ci
@@ -421,6 +424,10 @@ def verdict(estimate: float, ci: tuple[float, float], adjusted_p: float, *,
     num = (f"OR {_f(estimate)} [95% CI {_f(lo)}, {_f(hi)}], adjusted p "
            + (ptext if ptext.startswith("<") else f"= {ptext}"))
     notes = list(caveats)
+    if clusters is not None and clusters < MIN_CLUSTERS:
+        return Verdict("no evidence", f"{label}: no evidence either way: {clusters} "
+                       f"prompt(s), fewer than the {MIN_CLUSTERS} a prompt-level interval "
+                       f"needs ({num}).", notes)
     if defined and math.isfinite(adjusted_p) and adjusted_p < ALPHA and (lo > 1 or hi < 1):
         word = "enriched" if lo > 1 else "depleted"
         what = ("more often than chance" if word == "enriched" else

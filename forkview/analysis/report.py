@@ -377,7 +377,10 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
             scorer = int(mid) if mid is not None else gen_of[trace_id]
             # a validity control (forkview mi --control) is never the trace's MI: it
             # rides along under the slot "<estimator>|<control>"
-            control = json.loads(params).get("control")
+            decoded = json.loads(params)
+            if "categories" in decoded:
+                continue  # positions drawn per category: the counterfactual section's
+            control = decoded.get("control")
             if control:
                 controls[(int(trace_id), f"{est}|{control}", scorer)] = (int(rid), params)
             else:
@@ -594,7 +597,7 @@ def conclude(report: Report) -> None:
             _pnum(r.result.primary.get("estimate")),
             (_pnum(r.result.primary["ci"][0]), _pnum(r.result.primary["ci"][1])),
             _pnum(r.result.primary.get("adjusted_p")),
-            label=f"{r.model} · {r.estimator}",
+            label=f"{r.model} · {r.estimator}", clusters=r.result.n_clusters,
             caveats=_caveats(r, n_settings, lambda row: [
                 c for c in report.reference_controls
                 if c["model_id"] == row.model_id and c["estimator"] == row.estimator]))
@@ -627,8 +630,10 @@ def _caveats(r: ReportRow, all_settings: list[str],
     sp, part = res.stats["spearman"], res.controls.get("spearman_partial_position", {})
     if (sp.p_adj is not None and sp.p_adj < inf.ALPHA and part.get("adjusted_p") is not None
             and part["adjusted_p"] >= inf.ALPHA):
-        out.append(f"the raw Spearman ρ ({sp.value:.3f}) shrinks to "
-                   f"{part.get('estimate') or 0:.3f} with position removed (not significant)")
+        est = part.get("estimate") or 0.0
+        how = "shrinks to" if abs(est) < 0.5 * abs(sp.value) else "is"
+        out.append(f"the raw Spearman ρ ({sp.value:.3f}) {how} {est:.3f} with position removed, "
+                   f"not significant (adjusted p {part['adjusted_p']:.4f})")
     both = res.controls.get("mh_trace_position_class", {})
     if (r.verdict is None and prim_p is not None and prim_p < inf.ALPHA
             and both.get("adjusted_p") is not None and both["adjusted_p"] >= inf.ALPHA):
@@ -644,7 +649,7 @@ def _caveats(r: ReportRow, all_settings: list[str],
                        f"{c['a_in_b']:.0%} of its peaks stay (chance "
                        f"{(c['a_in_b_chance'] or 0):.0%}): it measures something other "
                        "than information about the answer")
-    if res.n_clusters < 10:
+    if inf.MIN_CLUSTERS <= res.n_clusters < 10:
         out.append(f"only {res.n_clusters} prompts: the bootstrap interval is rough")
     return out
 
