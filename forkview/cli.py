@@ -152,15 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "set in batches) and save them")
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
-    src.add_argument("--prompts", metavar="FILE", help="a .jsonl or .csv file (fields prompt, "
-                     "answer, id, set) or builtin:arith: every prompt, --samples each, in "
-                     "batches; re-run to finish an interrupted batch")
+    src.add_argument("--prompts", metavar="SOURCE", help="a .jsonl, .csv or .parquet file "
+                     "(fields prompt, answer, id, set), a Hugging Face dataset (a save_to_disk "
+                     "folder or owner/name[:config]; the datasets extra) or builtin:arith: "
+                     "every prompt, --samples each, in batches; re-run to finish an "
+                     "interrupted batch")
     a.add_argument("--answer", default=None, metavar="REF", help="reference answer")
     a.add_argument("--samples", type=_positive_int, default=1, metavar="N",
                    help="with --prompts: samples per prompt, grown as one batch (seeds derived "
                    "from --seed, default 0; temperature 1 unless given)")
     a.add_argument("--set", dest="set_name", default=None, metavar="NAME",
                    help="with --prompts: store every prompt under this set name")
+    a.add_argument("--split", default=None, metavar="NAME",
+                   help="with a dataset: its split (default test, else train)")
+    a.add_argument("--prompt-field", default=None, metavar="NAME",
+                   help="with --prompts: the prompt's field (default prompt, question or "
+                   "problem)")
+    a.add_argument("--answer-field", default=None, metavar="NAME",
+                   help="with --prompts: the reference's field (default answer, else "
+                   "solution; GSM8K's '#### 72' and \\boxed{} are split into answer and "
+                   "solution)")
+    a.add_argument("--id-field", default=None, metavar="NAME",
+                   help="with --prompts: the id's field (default id)")
     a.add_argument("--json", action="store_true", help="print the trace as one JSON object "
                    "(with --prompts: one summary object per trace and line)")
     a.add_argument("--mi", default="", metavar="NAMES",
@@ -171,12 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     # None = not given: greedy for one trace, T = 1 for several samples of a prompt.
     a.set_defaults(temperature=None)
 
-    e = sub.add_parser("export", help="export per-token rows as JSONL or CSV")
+    e = sub.add_parser("export", help="export per-token rows (with their trace's model, "
+                       "prompt, sampling, MI and answer) as JSONL, CSV or Parquet")
     _db_option(e)
     e.add_argument("--trace", type=int, action="append", metavar="ID",
                    help="trace id (repeatable; default: all traces)")
-    e.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    e.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    e.add_argument("--format", choices=["jsonl", "csv", "parquet"], default="jsonl",
+                   help="columns as in docs/schema.md, 'Export columns' (default jsonl)")
+    e.add_argument("-o", "--output", metavar="FILE",
+                   help="write here instead of stdout (required for parquet)")
     e.add_argument("--superseded", action="store_true",
                    help="without --trace: also export superseded traces (stopped copies a "
                    "resumed batch made again)")
@@ -303,7 +319,39 @@ def build_parser() -> argparse.ArgumentParser:
     from forkview.report_cmd import add_arguments as _report_arguments  # argparse only
 
     _report_arguments(rep)
+
+    sv = sub.add_parser("serve", help="serve the explorer (or the browser) in a web browser; "
+                        "for SSH: ssh -L 8000:127.0.0.1:8000 HOST, then open "
+                        "http://127.0.0.1:8000", allow_abbrev=False)
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; there "
+                    "is no login, so anyone who can reach another address can use it)")
+    sv.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    sv.add_argument("--public-url", default=None, metavar="URL",
+                    help="the address the web browser uses, when it is not http://HOST:PORT "
+                    "(e.g. a tunnel to another local port)")
+    sv.add_argument("--browse", action="store_true",
+                    help="serve 'forkview browse' (saved traces, no model) instead of the "
+                    "explorer")
+    sv.add_argument("--mi", default="hsic,answer-gain", metavar="NAMES",
+                    help="as for the explorer (default hsic,answer-gain; 'none' for none)")
+    _model_options(sv)
+    _db_option(sv)
+    _generation_options(sv)
+
+    co = sub.add_parser("completion", help="print a shell completion script, e.g. "
+                        "eval \"$(forkview completion bash)\"")
+    co.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    sub.add_parser("db-path", help="print the default database path (env FORKVIEW_DB, else "
+                   "forkview.db in the user data directory)")
     return p
+
+
+def _port(text: str) -> int:
+    port = _positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {port}")
+    return port
 
 
 def _version() -> str:
@@ -349,7 +397,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
     if args.prompts is not None:
         return cmd_annotate_batch(args)
-    for flag, value in (("--samples", args.samples != 1), ("--set", args.set_name)):
+    for flag, value in (("--samples", args.samples != 1), ("--set", args.set_name),
+                        ("--split", args.split), ("--prompt-field", args.prompt_field),
+                        ("--answer-field", args.answer_field), ("--id-field", args.id_field)):
         if value:
             raise UsageError(f"{flag} goes with --prompts")
     if args.temperature is None:
@@ -421,13 +471,14 @@ def cmd_annotate_batch(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from forkview import batch
-    from forkview.prompt_sets import load_prompt_set
+    from forkview.prompt_sets import Fields, load_records
     from store import Store
 
     if args.answer is not None:
         raise UsageError("--answer goes with --prompt (a prompt file carries its answers)")
     try:
-        items = batch.with_set(load_prompt_set(args.prompts), args.set_name)
+        fields = Fields(args.prompt_field, args.answer_field, args.id_field)
+        items = batch.with_set(load_records(args.prompts, fields, args.split), args.set_name)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.temperature is None:
@@ -641,14 +692,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     import csv
 
     from store import Store
-    from store.db import iter_export_rows
+    from store.db import export_columns, iter_export_rows
 
+    if args.format == "parquet" and not args.output:
+        raise UsageError("--format parquet needs -o FILE (Parquet is not written to stdout)")
     store = Store.open(args.db, readonly=True)
     for tid in args.trace or ():
         store.trace(tid)  # every id is checked before anything is written
-    rows = iter_export_rows(store, args.trace, superseded=args.superseded)
-    fields = ["trace_id", "position", "token_id", "text", "logprob", "rank", "entropy",
-              "sampling_entropy", "top", "mi", "answer", "correct"]
+    columns = export_columns(store, args.trace, superseded=args.superseded)
+    rows = iter_export_rows(store, args.trace, superseded=args.superseded, columns=columns)
+    if args.format == "parquet":
+        return _export_parquet(rows, columns, args.output)
     target = (
         open(args.output, "w", newline="", encoding="utf-8")  # noqa: SIM115 (with below)
         if args.output
@@ -659,12 +713,47 @@ def cmd_export(args: argparse.Namespace) -> int:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
-            w = csv.DictWriter(out, fieldnames=fields)
+            w = csv.DictWriter(out, fieldnames=columns)
             w.writeheader()
             for row in rows:
                 row["top"] = json.dumps(row["top"], ensure_ascii=False)
-                row["mi"] = json.dumps(row["mi"], ensure_ascii=False)
                 w.writerow(row)
+    return 0
+
+
+def _export_parquet(rows: Any, columns: list[str], output: str,
+                    batch_rows: int = 50_000) -> int:
+    """cmd_export's Parquet: record batches of `batch_rows`, written to FILE.partial and
+    renamed when complete (an interrupted export leaves no half file under FILE)."""
+    import contextlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from store.db import EXPORT_COLUMNS
+
+    kinds = {
+        "text": pa.string(), "integer": pa.int64(), "real": pa.float64(),
+        "boolean": pa.bool_(),
+        "list": pa.list_(pa.struct([("token_id", pa.int64()), ("text", pa.string()),
+                                    ("prob", pa.float64())])),
+    }
+    schema = pa.schema([(c, kinds[EXPORT_COLUMNS.get(c, "real")]) for c in columns])
+    partial = f"{output}.partial"
+    try:
+        with pq.ParquetWriter(partial, schema) as w:
+            batch: list[dict[str, Any]] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) >= batch_rows:
+                    w.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+                    batch = []
+            if batch:
+                w.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+        os.replace(partial, output)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
     return 0
 
 
@@ -1001,6 +1090,72 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 1
 
 
+def serve_command(args: argparse.Namespace) -> list[str]:
+    """The command textual-serve runs for each browser session: `forkview` (or
+    `forkview browse`) with the options `serve` was given, run by this interpreter
+    (`sys.executable -m forkview`, so it works under `uv run` and in any venv)."""
+    cmd = [sys.executable, "-m", "forkview"]
+    db = [f"--db={os.path.abspath(os.path.expanduser(args.db))}"] if args.db else []
+    if args.browse:
+        return [*cmd, "browse", *db]
+    # --flag=value: a value starting with '-' (a stop text, an empty --mi) stays a value.
+    cmd += [f"--mi={args.mi}", f"--model={args.model}", f"--device={args.device}",
+            f"--dtype={args.dtype}", f"--max-new-tokens={args.max_new_tokens}",
+            f"--temperature={args.temperature!r}", f"--top-p={args.top_p!r}",
+            f"--top-k={args.top_k}", f"--alternatives={args.alternatives}"]
+    if args.seed is not None:
+        cmd.append(f"--seed={args.seed}")
+    cmd += [f"--stop={text}" for text in args.stop]
+    if args.raw:
+        cmd.append("--raw")
+    return cmd + db
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import shlex
+
+    from store import Store
+
+    # What the served command would refuse is refused here, before the server starts.
+    if args.browse:
+        Store.open(args.db, readonly=True).close()
+    else:
+        Store.open(args.db).close()
+        from models.loading import resolve_spec
+
+        resolve_spec(args.model)
+        names = [] if args.mi.strip() in ("", "none") else args.mi.split(",")
+        _estimators(names, [])
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        _status(f"warning: listening on {args.host}: there is no login, anyone who can "
+                "reach this address can run the explorer and write the database")
+    from textual_serve.server import Server
+
+    server = Server(shlex.join(serve_command(args)), host=args.host, port=args.port,
+                    title="forkview", public_url=args.public_url)
+    server.serve()  # until SIGINT or SIGTERM
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+def cmd_db_path(args: argparse.Namespace) -> int:
+    from store.db import default_db_path
+
+    print(default_db_path())
+    return 0
+
+
 COMMANDS = {
     None: cmd_explore,
     "browse": cmd_browse,
@@ -1014,6 +1169,9 @@ COMMANDS = {
     "rescore": cmd_rescore,
     "merge": cmd_merge,
     "report": cmd_report,
+    "serve": cmd_serve,
+    "completion": cmd_completion,
+    "db-path": cmd_db_path,
 }
 
 

@@ -143,7 +143,7 @@ def batch_stage(path: Path) -> None:
 # the first stage's last COUNTERFACTUAL_TRACES problems, K = 2 positions per category
 # (E only, P only, E∩P, matched controls; peaks from hsic), S = 3 continuations of up
 # to 64 tokens per alternative, exactly this command:
-COUNTERFACTUAL_TRACES = 2
+COUNTERFACTUAL_TRACES = 5
 COUNTERFACTUAL_ARGS = ["mi", "--estimator", "rollout", "--positions", "categories",
                        "--per-category", "2", "--peaks-from", "hsic", "--samples", "3",
                        "--param", "max_new_tokens=64", "--param", "keep_tokens=false",

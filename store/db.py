@@ -1147,22 +1147,118 @@ class TraceWriter:
             self.finish("failed", error=f"{exc_type.__name__}: {exc}")
 
 
+# ---------------------------------------------------------------------- export
+# The export's columns, in order: one row per token, with what its trace needs to be
+# analysed without joins. Every format (JSONL, CSV, Parquet) writes exactly these, then
+# one `mi_<estimator>` column per MI estimator found (EXPORT_MI_PREFIX), sorted. The
+# value is the kind of each column (docs/schema.md, "Export columns", lists the same).
+EXPORT_COLUMNS: dict[str, str] = {
+    "trace_uid": "text",
+    "trace_id": "integer",
+    "model_name": "text",
+    "model_spec": "text",
+    "prompt_id": "integer",
+    "source_set": "text",
+    "source_id": "text",
+    "temperature": "real",
+    "top_p": "real",
+    "top_k": "integer",
+    "max_new_tokens": "integer",
+    "seed": "integer",
+    "parent_trace_id": "integer",
+    "fork_position": "integer",
+    "origin": "text",
+    "status": "text",
+    "answer": "text",
+    "reference_answer": "text",
+    "correct": "boolean",
+    "position": "integer",
+    "token_id": "integer",
+    "text": "text",
+    "logprob": "real",
+    "rank": "integer",
+    "entropy": "real",
+    "sampling_entropy": "real",
+    "top": "list",
+}
+EXPORT_MI_PREFIX = "mi_"
+
+
+def export_mi_column(estimator: str) -> str:
+    """`answer-gain` -> `mi_answer_gain`: a name any dataframe library takes."""
+    return EXPORT_MI_PREFIX + "".join(
+        ch if ch.isascii() and (ch.isalnum() or ch == "_") else "_" for ch in estimator)
+
+
+def _export_ids(store: Store, trace_ids: Sequence[int] | None, superseded: bool) -> list[int]:
+    """The traces to export: those asked for, in that order, else all oldest first."""
+    if trace_ids:
+        return [int(t) for t in trace_ids]
+    sql = "SELECT id FROM traces"
+    if not superseded:
+        sql += " WHERE status != 'superseded'"
+    with store.engine.connect() as conn:
+        return [r[0] for r in conn.exec_driver_sql(sql + " ORDER BY started_at, id")]
+
+
+def _export_runs(run: MIRunInfo) -> bool:
+    """Runs the export shows: complete, with the trace's own model (no "model"
+    parameter: rescoring), and no control (a "control" parameter)."""
+    return (run.status == "complete" and "model" not in run.params
+            and "control" not in run.params)
+
+
+def export_columns(store: Store, trace_ids: Sequence[int] | None = None, *,
+                   superseded: bool = False) -> list[str]:
+    """EXPORT_COLUMNS, then one `mi_<estimator>` column per estimator with an exported
+    run on the traces exported (sorted): the header every format writes."""
+    sql = ("SELECT DISTINCT r.estimator FROM mi_runs r JOIN traces t ON t.id = r.trace_id "
+           "WHERE r.status = 'complete' AND json_type(r.params, '$.model') IS NULL "
+           "AND json_type(r.params, '$.control') IS NULL")
+    args: tuple[Any, ...] = ()
+    if trace_ids:
+        ids = sorted({int(t) for t in trace_ids})
+        sql += f" AND t.id IN ({', '.join('?' * len(ids))})"
+        args = tuple(ids)
+    elif not superseded:
+        sql += " AND t.status != 'superseded'"
+    with store.engine.connect() as conn:
+        names = [r[0] for r in conn.exec_driver_sql(sql, args)]
+    return [*EXPORT_COLUMNS, *sorted({export_mi_column(n) for n in names})]
+
+
 def iter_export_rows(store: Store, trace_ids: Sequence[int] | None, *,
-                     superseded: bool = False) -> Iterator[dict[str, Any]]:
-    """One dict per token, in trace then position order (the export contract). Without
-    `trace_ids`: every trace, superseded ones only with `superseded` (ids given are
-    exported whatever their status)."""
-    ids = (list(trace_ids) if trace_ids
-           else [t.id for t in reversed(store.list_traces(superseded=superseded))])
+                     superseded: bool = False,
+                     columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """One dict per token, in trace then position order, keyed by `columns` (default:
+    export_columns(...)), the export contract of docs/schema.md. Without `trace_ids`:
+    every trace, superseded ones only with `superseded` (ids given are exported
+    whatever their status). Streams: one trace's tokens in memory at a time. Each
+    `mi_<estimator>` is the value of the latest complete run of that estimator on the
+    trace (controls and other models' runs left out); None where it has none."""
+    ids = _export_ids(store, trace_ids, superseded)
+    cols = list(columns) if columns is not None else export_columns(
+        store, trace_ids, superseded=superseded)
     for tid in ids:
         info = store.trace(tid)  # clear error for unknown ids
-        mi = store.latest_mi(tid)
+        latest: dict[str, MIRunInfo] = {}
+        for run in store.mi_runs(tid):  # oldest first: the last one wins
+            if _export_runs(run):
+                latest[export_mi_column(run.estimator)] = run
+        mi = {col: store.mi_values(run.id) for col, run in latest.items() if col in cols}
+        p = info.params
+        head = {
+            "trace_uid": info.uid, "trace_id": tid, "model_name": info.model_name,
+            "model_spec": info.model_spec, "prompt_id": info.prompt_id,
+            "source_set": info.source_set, "source_id": info.source_id,
+            "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
+            "max_new_tokens": p.max_new_tokens, "seed": p.seed,
+            "parent_trace_id": info.parent_trace_id, "fork_position": info.fork_position,
+            "origin": info.origin, "status": info.status, "answer": info.answer,
+            "reference_answer": info.reference_answer, "correct": info.correct,
+        }
         for step in store.tokens(tid):
-            row = {"trace_id": tid}
-            row.update(step.to_json())
-            # Latest run of each estimator on this trace; null where it has no value.
-            row["mi"] = {name: values.get(step.position) for name, values in mi.items()}
-            row["answer"] = info.answer
-            row["correct"] = info.correct
-            yield row
-
+            full = {**head, **step.to_json()}
+            for col, values in mi.items():
+                full[col] = values.get(step.position)
+            yield {c: full.get(c) for c in cols}
