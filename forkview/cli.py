@@ -540,9 +540,7 @@ def _estimators(names: Sequence[str], params: Sequence[str]) -> list[Any]:
 
 
 def cmd_mi(args: argparse.Namespace) -> int:
-    from forkview.mi import resolve_positions, run_estimator, trace_data
-    from forkview.pipeline import model_row_id
-    from models.loading import load_model
+    from forkview.mi import resolve_positions, trace_data
     from store import Store
 
     categories = args.positions == "categories"
@@ -597,11 +595,33 @@ def cmd_mi(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         else:
             draws[info.id] = draw
-    store.close()
     if categories:
         infos = [info for info in infos if info.id in draws]
         if not infos:
+            store.close()
             return 1
+    # Traces whose run is already complete need no model: with nothing left to compute
+    # the command returns at once, without importing torch.
+    if args.trace_model is None:
+        from forkview.mi import already_done
+
+        todo = [info for info in infos if not already_done(
+            store, info.id, est, draws[info.id].positions if info.id in draws
+            else args.positions, control=args.control,
+            extra_params={"categories": draws[info.id].params()} if info.id in draws
+            else None)]
+        if len(todo) < len(infos):
+            print(f"{PROG}: {len(infos) - len(todo)} of {len(infos)} trace(s) already have "
+                  f"a complete {est.name} run with these parameters"
+                  + ("; nothing left to compute" if not todo else ""), file=sys.stderr)
+        infos = todo
+    store.close()
+    if not infos:
+        return 0
+    from forkview.mi import run_estimator
+    from forkview.pipeline import model_row_id
+    from models.loading import load_model
+
     budget = None
     if args.budget_tokens is not None:
         from models.rollout import TokenBudget

@@ -183,6 +183,37 @@ def bandwidth_variant(estimator: Estimator) -> tuple[Estimator, dict[str, Any]]:
             {"control": "bandwidth"})
 
 
+def _planned(store: Store, trace_id: int, estimator: Estimator, data: TraceData,
+             control: str | None) -> tuple[Estimator, TraceData, dict[str, Any]]:
+    """The estimator, trace data and control parameters a run will use."""
+    extra: dict[str, Any] = {}
+    if control == "bandwidth":
+        estimator, extra = bandwidth_variant(estimator)
+    elif control == "wrong-reference":
+        data, extra = wrong_reference(store, trace_id, estimator, data)
+    elif control is not None:
+        raise ModelError(f"unknown control {control!r} (use {', '.join(CONTROLS)})")
+    return estimator, data, extra
+
+
+def already_done(store: Store, trace_id: int, estimator: Estimator,
+                 positions: str | Sequence[int] | None = None, *, control: str | None = None,
+                 extra_params: dict[str, Any] | None = None) -> bool:
+    """Whether the trace's own model already has a complete run of exactly this
+    estimator, parameters and control covering these positions: read only, no model,
+    so `forkview mi` with nothing left to compute returns at once. (A run made with
+    another model carries a "model" parameter, which only loading it can tell: such a
+    request is never counted done here.)"""
+    data = trace_data(store, trace_id)
+    estimator, data, extra = _planned(store, trace_id, estimator, data, control)
+    params = {**estimator.params, **extra, **(extra_params or {})}
+    found = store.find_mi_run(trace_id, estimator.name, params)
+    if found is None or found[1] != "complete":
+        return False
+    wanted = resolve_positions(positions, estimator.default_positions, data.entropies)
+    return set(wanted) <= found[2]
+
+
 def run_estimator(
     lm: LoadedModel,
     store: Store,
@@ -210,13 +241,7 @@ def run_estimator(
     whose worst case would pass it; the run is then "stopped", and resumes when run
     again."""
     data = trace_data(store, trace_id)
-    extra: dict[str, Any] = {}
-    if control == "bandwidth":
-        estimator, extra = bandwidth_variant(estimator)
-    elif control == "wrong-reference":
-        data, extra = wrong_reference(store, trace_id, estimator, data)
-    elif control is not None:
-        raise ModelError(f"unknown control {control!r} (use {', '.join(CONTROLS)})")
+    estimator, data, extra = _planned(store, trace_id, estimator, data, control)
     params = {**run_params(store, trace_id, estimator, lm), **extra, **(extra_params or {})}
     wanted = resolve_positions(positions, estimator.default_positions, data.entropies)
     run_id, done = store.open_mi_run(trace_id, estimator.name, params, model_id)

@@ -862,6 +862,20 @@ class Store:
         return None if found is None else int(found)
 
     # ------------------------------------------------------------------ batches and rescoring
+    def find_mi_run(self, trace_id: int, estimator: str,
+                    params: dict[str, Any]) -> tuple[int, str, set[int]] | None:
+        """The run of this trace, estimator and exact parameter set, read only: (id,
+        status, positions with a value), or None."""
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT id, status FROM mi_runs WHERE trace_id = ? AND estimator = ? AND "
+                "params = ?", (int(trace_id), estimator, canonical_json(params))).fetchone()
+            if row is None:
+                return None
+            done = {r[0] for r in conn.exec_driver_sql(
+                "SELECT position FROM mi_values WHERE run_id = ?", (row[0],))}
+        return int(row[0]), str(row[1]), done
+
     def other_reference(self, trace_id: int) -> tuple[int, str | None, str | None] | None:
         """Another prompt's reference, for the wrong-reference control of an MI estimator:
         (prompt id, reference answer, reference solution) of the next prompt after this

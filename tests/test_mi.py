@@ -283,3 +283,23 @@ def test_other_reference_picks_the_next_prompt_with_another_answer(db_path):
     assert store.other_reference(tids[2])[0] == prompts[0]  # wraps around
     assert store.other_reference(tids[3]) is None  # alone in its set
     store.close()
+
+
+def test_mi_with_nothing_left_returns_without_loading_a_model(saved_trace, tiny_lm,
+                                                                tiny_model_dir):
+    """A complete run with these parameters: `forkview mi` says so and never imports
+    torch (no model is loaded for nothing)."""
+    import subprocess
+    import sys
+
+    store, tid = saved_trace
+    run_estimator(tiny_lm, store, tid, get_estimator("hsic"))
+    path = store.path
+    store.close()
+    code = ("import sys; from forkview.cli import main; "
+            f"rc = main(['mi', '--db', {str(path)!r}, '--trace', '{tid}', "
+            "'--estimator', 'hsic']); print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["0", "False"], out.stderr
+    assert "nothing left to compute" in out.stderr
