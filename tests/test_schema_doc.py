@@ -99,3 +99,31 @@ def test_sql_example_runs_on_the_sample(sample_con, index):
 
 def test_sample_untouched_by_this_test():
     assert not (SAMPLE.parent / "arith.db-wal").exists()
+
+
+def test_datasette_metadata_is_generated_from_the_doc():
+    """sample_db/metadata.json is exactly what sample_db/metadata.py makes from this doc
+    (regenerate: uv run python sample_db/metadata.py), with every table described, every
+    column of the doc there, and the doc's queries as canned queries that run."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("sample_metadata",
+                                                  ROOT / "sample_db" / "metadata.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    made = mod.render(mod.build())
+    assert (ROOT / "sample_db" / "metadata.json").read_text(encoding="utf-8") == made
+    db = json.loads(made)["databases"]["arith"]
+    for name, text in _sections().items():
+        meta = db["tables"][name]
+        assert meta["description"], name
+        for col in re.findall(r"^\| `(\w+)` \|", text, re.M):
+            assert col in meta["columns"], (name, col)
+    assert len(db["queries"]) == len(_sql_blocks())
+    con = _ro(SAMPLE)
+    try:
+        for q in db["queries"].values():
+            con.execute(q["sql"]).fetchall()
+    finally:
+        con.close()
