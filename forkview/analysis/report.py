@@ -44,6 +44,7 @@ from forkview.analysis import figures as figs
 from forkview.analysis import inference as inf
 from forkview.analysis import overlap as ov
 from forkview.analysis.peaks import TUKEY, PeakRule
+from forkview.text import counted
 
 GROUP_ORDER = ("all", "correct", "incorrect", "unknown")
 # Fetch everything and filter in numpy when the selection is at least this share of the
@@ -1117,7 +1118,7 @@ def _md_table(header: list[str], rows: list[list[str]], align: str | None = None
 def render_markdown(report: Report) -> str:
     L: list[str] = ["# forkview overlap report", ""]
     L += [f"High-entropy tokens (E) against MI peaks (P), per model × estimator, over "
-          f"{report.n_traces:,} traces of `{_md(report.database)}`. "
+          f"{counted(report.n_traces, 'trace')} of `{_md(report.database)}`. "
           f"forkview {report.version}.", ""]
     if report.primary_rows:
         L += ["## Verdict", ""]
@@ -1166,7 +1167,7 @@ def render_markdown(report: Report) -> str:
               _md(CF_TEXT)]
         for crow in report.counterfactual:
             L += ["", f"**{_md(crow.model)} · peaks from {_md(crow.peaks_from)}** "
-                  f"({crow.n_traces:,} traces, {crow.n_prompts:,} prompts). "
+                  f"({counted(crow.n_traces, 'trace')}, {counted(crow.n_prompts, 'prompt')}). "
                   f"{_md(crow.sentence)}", ""]
             L += _md_table(CF_HEADERS, _cf_rows(crow))
             L += ["", *_md_table(CF_DIFF_HEADERS, _cf_diff_rows(crow))]
@@ -1192,7 +1193,7 @@ def _md_row(r: ReportRow) -> list[str]:
     L = ["", f"## {_md(r.model)} · {_md(r.estimator)} · {r.group}", ""]
     runs = "; ".join(f"{_md(json.dumps(p['params'], sort_keys=True))} ({p['traces']} traces)"
                      for p in r.params)
-    L += [f"{res.n_traces:,} traces, {res.n_positions:,} positions with MI, |E| = "
+    L += [f"{counted(res.n_traces, 'trace')}, {res.n_positions:,} positions with MI, |E| = "
           f"{res.n_high:,}, |P| = {res.n_peaks:,}, |E∩P| = {res.n_both:,}; Spearman over "
           f"{res.spearman_traces:,} traces; runs: {runs or '—'}.", ""]
     chance = _chance_line(res)
@@ -1371,7 +1372,8 @@ def render_html(report: Report) -> str:
                     f"<style>{CSS}</style></head><body>",
                     "<h1>forkview overlap report</h1>",
                     f"<p>High-entropy tokens (E) against MI peaks (P), per model × estimator, "
-                    f"over {report.n_traces:,} traces of <code>{_e(report.database)}</code>. "
+                    f"over {counted(report.n_traces, 'trace')} of "
+                    f"<code>{_e(report.database)}</code>. "
                     f"forkview {_e(report.version)}.</p>",
                     ]
     if report.primary_rows:
@@ -1434,7 +1436,8 @@ def render_html(report: Report) -> str:
         P.append(f'<p class="note">{_e(CF_TEXT)}</p>')
         for crow in report.counterfactual:
             P.append(f"<h3>{_e(crow.model)} · peaks from {_e(crow.peaks_from)}</h3>"
-                     f"<p>{crow.n_traces:,} traces, {crow.n_prompts:,} prompts. "
+                     f"<p>{counted(crow.n_traces, 'trace')}, "
+                     f"{counted(crow.n_prompts, 'prompt')}. "
                      f"{_e(crow.sentence)}</p>")
             P.append(_html_table(CF_HEADERS, [[_e(c) for c in r] for r in _cf_rows(crow)]))
             P.append(_html_table(CF_DIFF_HEADERS, [[_e(c) for c in r]
@@ -1468,7 +1471,7 @@ def _html_row(r: ReportRow) -> list[str]:
     runs = "; ".join(f"<code>{_e(json.dumps(p['params'], sort_keys=True))}</code> "
                      f"({p['traces']} traces)" for p in r.params)
     P = [f"<h2>{_e(r.model)} · {_e(r.estimator)} · {_e(r.group)}</h2>",
-         f"<p>{res.n_traces:,} traces, {res.n_positions:,} positions with MI, |E| = "
+         f"<p>{counted(res.n_traces, 'trace')}, {res.n_positions:,} positions with MI, |E| = "
          f"{res.n_high:,}, |P| = {res.n_peaks:,}, |E∩P| = {res.n_both:,}; Spearman over "
          f"{res.spearman_traces:,} traces; runs: {runs or '—'}.</p>"]
     chance = _chance_line(res)
@@ -1540,7 +1543,7 @@ def render_latex(report: Report) -> str:
     endpoints, each row's controls, the sampling strata and the counterfactual test;
     the settings as a comment block."""
     L = [f"% forkview {report.version} overlap report of {report.database}: "
-         f"{report.n_traces:,} traces", "% needs \\usepackage{booktabs}"]
+         f"{counted(report.n_traces, 'trace')}", "% needs \\usepackage{booktabs}"]
     L += [f"% {k}: {v}" for k, v in settings_lines(report)]
     L += [""]
     if report.primary_rows:

@@ -17,6 +17,7 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Input, Label
 from textual.widgets.data_table import CellDoesNotExist
 
+from forkview.text import counted
 from store import Store, StoreError, TraceInfo
 
 STATUS_STYLE = {"complete": "green", "stopped": "yellow", "failed": "red", "running": "cyan",
@@ -166,7 +167,7 @@ class BrowserScreen(Screen[int | None]):
         if selected is not None and str(selected) in table.rows:
             table.move_cursor(row=table.get_row_index(str(selected)), animate=False)
         n = len(self.traces)
-        shown = f"{n} trace{'s' if n != 1 else ''}"
+        shown = counted(n, "trace")
         if n >= LIST_LIMIT:
             shown += f" (newest {LIST_LIMIT}; narrow the filter)"
         total = self.store.count_traces(superseded=self.show_superseded)

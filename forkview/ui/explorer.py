@@ -189,7 +189,8 @@ class ExplorerScreen(Screen[None]):
         with Horizontal(id="main"):
             with Vertical(id="left"):
                 yield TraceView(id="trace", placeholder=(
-                    "Tokens appear here, coloured by entropy. Press ? for keys."))
+                    "Tokens appear here, coloured by entropy. F1 for keys "
+                    "(or ? outside the prompt)."))
                 yield StripChart(id="chart")
             yield TokenPanel(id="panel")
         yield Legend(id="legend")
@@ -267,8 +268,12 @@ class ExplorerScreen(Screen[None]):
             frame = SPINNER[int(elapsed * 4) % len(SPINNER)]
             left = Text(f"{frame} {self.model_message} {elapsed:.0f}s", style="italic")
         else:
-            left = Text(f"{self.lm.name} · {self.lm.device} {self.lm.dtype} · "
-                        f"{sampling_label(self.params)}")
+            # device, dtype and sampling first: at 80 columns the model's name is what
+            # the ellipsis cuts, never the settings that decide the numbers
+            dtype = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(
+                self.lm.dtype, self.lm.dtype)
+            left = Text(f"{self.lm.device} {dtype} · {sampling_label(self.params)} · "
+                        f"{self.lm.name}")
         status.set_model(left)
         right = Text()
         if self.trace_id is not None:

@@ -135,7 +135,7 @@ class ForkPanel(ModalScreen[ForkRequest | None]):
                 yield Label("sample N")
                 yield Input(str(self.samples), id="fork-n", type="integer", compact=True,
                             max_length=3)
-                yield Checkbox("keep token", id="fork-keep", compact=True)
+                yield Checkbox("keep token: no", id="fork-keep", compact=True)
                 yield Button("Sample", id="fork-sample", compact=True, variant="primary")
                 yield Button("Keep vs redraw", id="fork-cf", compact=True)
 
@@ -224,6 +224,12 @@ class ForkPanel(ModalScreen[ForkRequest | None]):
     def _sample_pressed(self, event: Button.Pressed) -> None:
         event.stop()
         self._sample()
+
+    @on(Checkbox.Changed, "#fork-keep")
+    def _keep_changed(self, event: Checkbox.Changed) -> None:
+        # The state in words: on a terminal without colours the box looks the same on
+        # and off.
+        event.checkbox.label = f"keep token: {'yes' if event.value else 'no'}"
 
     @on(Button.Pressed, "#fork-cf")
     def _counterfactual_pressed(self, event: Button.Pressed) -> None:

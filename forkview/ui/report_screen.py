@@ -40,6 +40,7 @@ from forkview.analysis.report import (
     report_options,
     token_repr,
 )
+from forkview.text import counted
 
 EIGHTHS = " ▏▎▍▌▋▊▉█"  # horizontal bar ends, 0/8 .. 8/8
 LEVELS = " ▁▂▃▄▅▆▇█"  # vertical bar tops, 0/8 .. 8/8
@@ -345,7 +346,7 @@ class ReportScreen(Screen[None]):
         e_short = (f"H ≥ {e.threshold:g}" if e.scope == "threshold"
                    else f"top {e.rho * 100:g}% ({e.scope})")
         self.query_one("#report-status", Label).update(
-            f"{self.report.n_traces:,} traces · E {e_short} · P {st.peaks.label} · "
+            f"{counted(self.report.n_traces, 'trace')} · E {e_short} · P {st.peaks.label} · "
             f"boot {st.bootstrap} · seed {st.seed}")
         self._show_detail(0)
 
