@@ -19,13 +19,13 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, Static
 
+from forkview.ui.family_text import FullTokens, forced_label
 from forkview.ui.fork_queue import answer_name, mark
 from forkview.ui.mi_data import MISeries, MIState, format_value
 from forkview.ui.scale import VIEWS, entropy_style
 from forkview.ui.status import Legend
 from forkview.ui.token_panel import short_repr
 from forkview.ui.trace_view import TraceView
-from forkview.ui.tree import FullTokens, forced_label
 from models.types import TokenStep
 from store import Store, StoreError, TraceInfo
 
