@@ -309,6 +309,35 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(rs)
     rs.set_defaults(model=None)  # the second model is always named
 
+    im = sub.add_parser("import", help="score traces generated elsewhere (JSONL or Parquet: "
+                        "prompt or messages, response text or token ids) teacher-forced and "
+                        "store them (origin import)")
+    im.add_argument("file", metavar="FILE", help="a .jsonl or .parquet file, one trace per "
+                    "line or row")
+    im.add_argument("--prompt-field", default=None, metavar="NAME",
+                    help="the prompt's field: text or a chat list (default prompt, question, "
+                    "problem or messages)")
+    im.add_argument("--response-field", default=None, metavar="NAME",
+                    help="the response's field: text or a list of token ids (default "
+                    "response_ids, token_ids, response or completion)")
+    im.add_argument("--answer-field", default=None, metavar="NAME",
+                    help="the reference's field (default answer, else solution)")
+    im.add_argument("--id-field", default=None, metavar="NAME",
+                    help="the prompt id's field (default id)")
+    im.add_argument("--set", dest="set_name", default=None, metavar="NAME",
+                    help="store every prompt under this set name (default: the row's set, "
+                    "else the file's stem)")
+    im.add_argument("--raw", action="store_true",
+                    help="encode text prompts without the chat template")
+    im.add_argument("--batch", type=_positive_int, default=8, metavar="N",
+                    help="traces per forward pass (default 8)")
+    im.add_argument("--alternatives", type=_non_negative_int, default=10, metavar="K",
+                    help="top-k alternatives recorded per token (default 10)")
+    im.add_argument("--mi", default="", metavar="NAMES",
+                    help="MI estimators to run on the imported traces, e.g. hsic,answer-gain")
+    _model_options(im)
+    _db_option(im)
+
     mg = sub.add_parser("merge", help="merge databases (from several machines) into one, "
                         "without duplicating a trace")
     mg.add_argument("out", metavar="OUT.db", help="database to merge into (created if missing)")
@@ -1018,6 +1047,50 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from forkview import importer
+    from forkview.text import counted
+    from store import Store
+
+    estimators = _estimators([n for n in args.mi.split(",") if n.strip()], [])
+    try:
+        path = importer.check_source(args.file)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    store = Store.open(args.db)  # a bad database fails before the model loads
+    from models.loading import load_model
+
+    quiet = not sys.stderr.isatty()
+    lm = load_model(args.model, args.device, args.dtype, status=None if quiet else _status)
+    fields = importer.ImportFields(args.prompt_field, args.response_field, args.answer_field,
+                                   args.id_field)
+
+    def skipped(s: Any) -> None:
+        _status(f"{s.where}: {s.reason}; skipped")
+
+    def imported(tid: int, _item: Any) -> None:
+        print(tid, flush=True)
+
+    def mi_done(tid: int, name: str, status: str) -> None:
+        if not quiet or status not in ("complete", "stopped"):
+            _status(f"trace {tid} {name}: {status}")
+
+    summary = importer.import_file(
+        lm, store, path, fields=fields, set_name=args.set_name, raw=args.raw,
+        batch=args.batch, alternatives=args.alternatives, estimators=estimators,
+        on_skip=skipped, on_trace=imported, on_mi=mi_done)
+    dup = f", {summary.duplicates} of them already imported" if summary.duplicates else ""
+    mi = (f"; MI runs: {summary.mi_runs} computed"
+          + (f", {summary.mi_failed} failed" if summary.mi_failed else "")
+          if estimators else "")
+    _status(f"{path}: {counted(len(summary.imported), 'trace')} imported "
+            f"({counted(summary.tokens, 'token')}), {len(summary.skipped)} skipped{dup}{mi}"
+            + ("; interrupted" if summary.interrupted else ""))
+    if summary.interrupted:
+        return 130
+    return 0 if summary.imported else 1
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from store.merge import merge
 
@@ -1187,6 +1260,7 @@ COMMANDS = {
     "tree": cmd_tree,
     "replay": cmd_replay,
     "rescore": cmd_rescore,
+    "import": cmd_import,
     "merge": cmd_merge,
     "report": cmd_report,
     "serve": cmd_serve,

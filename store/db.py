@@ -37,6 +37,10 @@ FORKVIEW_TABLES = {"meta", "models", "prompts", "traces", "tokens"}
 # meta key prefix of a superseded trace's pointer: `superseded_by:<its uid>` = the uid
 # of the trace that replaced it (see Store.supersede).
 SUPERSEDED_KEY = "superseded_by:"
+# meta key prefix of an imported trace's provenance (`forkview import`): `import:<its
+# uid>` = JSON {file, line (or row), sha256, format, imported_at} (see
+# Store.add_import_provenance).
+IMPORT_KEY = "import:"
 
 
 def now_iso() -> str:
@@ -860,6 +864,35 @@ class Store:
                 "JOIN traces n ON n.uid = m.value WHERE t.id = ?",
                 (SUPERSEDED_KEY, int(trace_id))).scalar()
         return None if found is None else int(found)
+
+    # ------------------------------------------------------------------ imported traces
+    def add_import_provenance(self, trace_id: int, provenance: dict[str, Any]) -> None:
+        """Where an imported trace came from: meta row `import:<its uid>` = the JSON of
+        `provenance` (file, line or row, sha256 of the line or row, ...)."""
+        with write_section(), self.engine.begin() as conn:
+            uid = conn.exec_driver_sql("SELECT uid FROM traces WHERE id = ?",
+                                       (int(trace_id),)).scalar_one()
+            conn.exec_driver_sql("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                 (IMPORT_KEY + uid, canonical_json(provenance)))
+
+    def import_provenance(self, trace_id: int) -> dict[str, Any] | None:
+        """An imported trace's provenance (None for any other trace)."""
+        with self.engine.connect() as conn:
+            value = conn.exec_driver_sql(
+                "SELECT m.value FROM traces t JOIN meta m ON m.key = ? || t.uid "
+                "WHERE t.id = ?", (IMPORT_KEY, int(trace_id))).scalar()
+        return None if value is None else json.loads(value)
+
+    def imported_hashes(self, model_id: int) -> dict[str, int]:
+        """sha256 of an imported line or row -> id of the complete trace it became, for
+        the traces of one model row (what a repeated import of the same line refuses)."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT json_extract(m.value, '$.sha256'), t.id FROM traces t "
+                "JOIN meta m ON m.key = ? || t.uid WHERE t.model_id = ? "
+                "AND t.status = 'complete' ORDER BY t.id", (IMPORT_KEY, int(model_id))
+            ).fetchall()
+        return {str(h): int(tid) for h, tid in rows if h is not None}
 
     # ------------------------------------------------------------------ batches and rescoring
     def find_mi_run(self, trace_id: int, estimator: str,

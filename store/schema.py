@@ -21,8 +21,10 @@ SCHEMA_VERSION = 4
 
 # How a trace came to be: generate (a root), fork (a chosen or typed token at a
 # position), sample (one of N continuations sampled from a position), rollout (a
-# continuation made by the rollout MI estimator).
-ORIGINS = ("generate", "fork", "sample", "rollout")
+# continuation made by the rollout MI estimator), import (a root generated elsewhere and
+# scored teacher-forced by `forkview import`; its provenance is in meta, key
+# `import:<uid>`).
+ORIGINS = ("generate", "fork", "sample", "rollout", "import")
 
 # superseded: a stopped trace that a resumed batch made again (same model, prompt,
 # parameters and seed); kept, but no longer counted, listed or exported by default.
@@ -82,7 +84,7 @@ class TraceRow(SQLModel, table=True):
     )
     fork_position: int | None = None
     forced_token_ids: str | None = None  # JSON list
-    origin: str = "generate"  # generate | fork | sample | rollout (ORIGINS)
+    origin: str = "generate"  # generate | fork | sample | rollout | import (ORIGINS)
     prompt_token_ids: str  # JSON list: exactly the ids fed to the model
     raw: bool = False  # True: prompt sent without the chat template
     max_new_tokens: int
