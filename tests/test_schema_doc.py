@@ -127,3 +127,17 @@ def test_datasette_metadata_is_generated_from_the_doc():
             con.execute(q["sql"]).fetchall()
     finally:
         con.close()
+
+
+def test_sample_readme_quotes_the_figures_of_the_file():
+    """Every figure sample_db/facts.py computes from arith.db is in sample_db/README.md
+    exactly as it prints it: the README cannot quote stale counts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_facts",
+                                                  ROOT / "sample_db" / "facts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = " ".join((ROOT / "sample_db" / "README.md").read_text(encoding="utf-8").split())
+    for name, text in mod.facts().items():
+        assert text in readme, (name, text)

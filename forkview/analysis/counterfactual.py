@@ -184,6 +184,11 @@ def _z(q: float) -> float:
     return NormalDist().inv_cdf(q)
 
 
+def sentence(row: CounterfactualRow) -> str:
+    """The quotable sentence, from the row's numbers (re-made once p is adjusted)."""
+    return _sentence(row)
+
+
 def _sentence(row: CounterfactualRow) -> str:
     d = row.differences.get("e_only", {})
     r, ci = d.get("p_change_ratio"), d.get("p_change_ratio_ci") or [None, None]
@@ -200,12 +205,19 @@ def _sentence(row: CounterfactualRow) -> str:
     ci_text = ("" if ci[0] is None or ci[1] is None
                else f" [95% CI {ci[0]:.2f}, {ci[1]:.2f}]")
     det = d.get("detectable_80")
-    power = (f"; with {n_e} E-only and {n_c} control positions, a difference in importance "
-             f"of {det:.2f} would be detected with 80% power" if det is not None else "")
+    power = (f" With {n_e} E-only and {n_c} control positions, a difference in importance "
+             f"of {det:.2f} would be detected with 80% power." if det is not None else "")
+    dci = d.get("ci") or [None, None]
+    diff_ci = ("" if dci[0] is None or dci[1] is None
+               else f" [95% CI {dci[0]:.3f}, {dci[1]:.3f}]")
+    adj = d.get("adjusted_p")
+    p_text = f"two-sided p {_fmt(d.get('p_two_sided'), 4)}" + (
+        f", BH-adjusted {_fmt(adj, 4)}" if adj is not None else "")
     return (f"{row.model} · peaks from {row.peaks_from}: redrawing an E-only token changes "
-            f"the answer {r:.2f} times as often as redrawing a matched control{ci_text} "
-            f"(importance difference {_fmt(d.get('estimate'))}, two-sided p "
-            f"{_fmt(d.get('p_two_sided'), 4)}){power}.")
+            f"the answer {r:.2f} times as often as redrawing a matched control{ci_text}. "
+            "Corrected for how often two continuations after the kept token already "
+            f"disagree, the importance of E-only minus control is "
+            f"{_fmt(d.get('estimate'))}{diff_ci} ({p_text}).{power}")
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:

@@ -592,6 +592,8 @@ def conclude(report: Report) -> None:
     adjusted = inf.adjust([p for _, p in family], "fdr_bh")
     for (setter, _), v in zip(family, adjusted, strict=True):
         setter(v)
+    for crow in report.counterfactual:  # its sentence quotes the adjusted p
+        crow.sentence = cf.sentence(crow)
     n_settings = sorted({s for r in report.rows for s in r.settings})
     for r in primaries:
         r.verdict = inf.verdict(
