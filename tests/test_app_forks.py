@@ -213,6 +213,7 @@ async def test_keep_vs_redraw_runs_one_batch_and_shows_both_distributions(tiny_l
             (3, "complete", "7", True, 3), (4, "complete", "9", False, 3)]
     text = counterfactual_text(job, rows)
     assert "TV 0.50" in text and "answer changes 50%" in text
+    assert "0% of kept×kept" in text  # the two kept agree: the baseline is 0
 
 
 async def test_branch_requests_queue_and_run_one_after_another(tiny_lm, db_path):

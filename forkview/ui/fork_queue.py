@@ -208,6 +208,10 @@ def counterfactual_text(job: ForkJob, results: Sequence[Result]) -> str:
     ck = Counter(answer_name(r[2]) for r in keep)
     cr = Counter(answer_name(r[2]) for r in redraw)
     p_change = 1 - sum(ck[k] * cr[k] for k in ck) / max(1, len(keep) * len(redraw))
+    # two continuations after the kept token already disagree this often (distinct
+    # pairs): the baseline the change should be read against
+    pairs = len(keep) * (len(keep) - 1)
+    baseline = 1 - sum(c * (c - 1) for c in ck.values()) / pairs if pairs else float("nan")
 
     def show(rows: Sequence[Result]) -> str:
         return " · ".join(f"{a}×{c}{mark(ok)}" for a, c, ok in distribution(rows)) or "—"
@@ -216,7 +220,7 @@ def counterfactual_text(job: ForkJob, results: Sequence[Result]) -> str:
             f"{len(keep)} kept vs {len(redraw)} redrawn\n"
             f"kept:    {show(keep)}\nredrawn: {show(redraw)}\n"
             f"TV {total_variation(keep, redraw):.2f} · answer changes "
-            f"{p_change:.0%} of kept×redrawn pairs")
+            f"{p_change:.0%} of kept×redrawn pairs, {baseline:.0%} of kept×kept")
 
 
 def distribution_text(job: ForkJob, results: Sequence[Result]) -> str:
