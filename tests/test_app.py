@@ -777,6 +777,17 @@ async def test_chart_follows_the_cursor_and_clicks_move_it(filled_db):
         assert chart.position_at(col, 2) == 42
         line = chart.render_line(2).text
         assert "▲" in line and "◆" in line and "•" in line
+        # positions with a keep-vs-redraw result: ◇ where nothing else is marked, an
+        # underline under another mark
+        chart.entropies = chart.entropies[:len(PIECES)]
+        plain = next(i for i in range(len(PIECES))
+                     if i not in chart.peaks and i not in chart.high)
+        marked = sorted(chart.peaks)[0]
+        chart.set_counterfactual({plain, marked})
+        strip = chart.render_line(2)
+        assert strip.text[LABEL_W + plain] == "◇"
+        cells = [seg for seg in strip if seg.text.strip()]
+        assert any(seg.style.underline for seg in cells if seg.text == "▲" or seg.text == "◆")
 
 
 async def test_browse_only_m_says_it_needs_a_model(filled_db):

@@ -1,7 +1,9 @@
 """The strip chart under the trace: entropy and the chosen MI along the positions.
 
 Three rows: `H` entropy bars, `MI` bars of the selected MI series, and a marker row
-(• high entropy: top 20% of the trace, ▲ MI peak, ◆ both). One column per position
+(• high entropy: top 20% of the trace, ▲ MI peak, ◆ both, ◇ a counterfactual result
+there and nothing else; a counterfactual result under a mark underlines it). One column
+per position
 while they fit, else consecutive positions share a column (bars show the column's
 largest value, markers any marked position in it). The cursor's column is reversed in
 all three rows; clicking a column moves the cursor there (to the column's largest
@@ -27,7 +29,7 @@ from forkview.ui.scale import CURSOR_STYLE, VIRIDIS, entropy_bin
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 LABEL_W = 3
-HIGH_MARK, PEAK_MARK, BOTH_MARK = "•", "▲", "◆"
+HIGH_MARK, PEAK_MARK, BOTH_MARK, CF_MARK = "•", "▲", "◆", "◇"
 _FG = [Style(color=Color.parse(c)) for c in VIRIDIS]
 
 
@@ -66,6 +68,7 @@ class StripChart(Widget):
         self.mi: list[float | None] = []
         self.mi_range: tuple[float, float] | None = None
         self.peaks: set[int] = set()
+        self.counterfactual: set[int] = set()  # positions with a keep-vs-redraw result
         self.cursor = -1
 
     # ---------------------------------------------------------------- data
@@ -79,6 +82,10 @@ class StripChart(Widget):
         self.mi = list(values)
         self.mi_range = scale
         self.peaks = set(peaks)
+        self.refresh()
+
+    def set_counterfactual(self, positions: set[int]) -> None:
+        self.counterfactual = set(positions)
         self.refresh()
 
     def set_cursor(self, index: int) -> None:
@@ -109,7 +116,8 @@ class StripChart(Widget):
             if with_mi:
                 return max(with_mi, key=lambda i: (self._mi(i), -i))
         if row == 2:
-            marked = [i for i in span if i in self.peaks] or [i for i in span if i in self.high]
+            marked = ([i for i in span if i in self.peaks] or [i for i in span if i in self.high]
+                      or [i for i in span if i in self.counterfactual])
             if marked:
                 return marked[0]
         return start
@@ -162,10 +170,13 @@ class StripChart(Widget):
             else:
                 peak = any(i in self.peaks for i in span)
                 high = any(i in self.high for i in span)
+                cf = any(i in self.counterfactual for i in span)
                 char = BOTH_MARK if peak and high else PEAK_MARK if peak else (
-                    HIGH_MARK if high else " ")
+                    HIGH_MARK if high else CF_MARK if cf else " ")
                 if peak:
                     style += Style(bold=True)
+                if cf and char != CF_MARK:
+                    style += Style(underline=True)
             if c == cursor_col:
                 style += CURSOR_STYLE
             segments.append(Segment(char, style))

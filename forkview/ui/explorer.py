@@ -366,6 +366,7 @@ class ExplorerScreen(Screen[None]):
         n = len(self.trace_view.steps)
         if self.trace_id is None or self.trace_status in (None, "starting", "running"):
             self.mi.clear()
+            self.chart.set_counterfactual(set())
         else:
             try:
                 series = [MISeries(run, self.store.mi_values(run.id),
@@ -375,6 +376,10 @@ class ExplorerScreen(Screen[None]):
                 self.notify(str(e), severity="error")
                 series = []
             self.mi.load(series, n)
+            # positions where a rollout run measured the keep-vs-redraw counterfactual
+            self.chart.set_counterfactual({
+                p for s in series for p, d in s.details.items()
+                if isinstance(d, dict) and "counterfactual" in d})
         self._mi_reloaded = time.monotonic()
         self._apply_view()
 
