@@ -14,22 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forkview.analysis.peaks import TUKEY, PeakRule, find_peaks, scale_bin, scale_range
+from models.estimators import REGISTRY
+from models.estimators.base import SHORT_NAMES
 from store.db import MIRunInfo
-
-# Parameters that tell runs of one estimator apart at a glance, shown even at their
-# defaults, and the usual values of the others (shown only when they differ).
-_HEADLINE = {"hsic": ("bandwidth",), "rollout": ("samples", "min_prob")}
-_USUAL: dict[str, dict[str, Any]] = {
-    "hsic": {"layer": -1, "eps": 1e-5, "normalised": True, "reference": "auto"},
-    "answer-gain": {"cue": "\nFinal answer: ", "stride": 1, "reference": "auto",
-                    "boundary": "word"},
-    "rollout": {"max_new_tokens": 256, "temperature": 1.0, "miller_madow": True, "seed": 0,
-                "answer_scope": "response", "keep_tokens": True, "mixture_n": "kish",
-                "cut_off_answers": "explicit"},
-}
-_SHORT_NAMES = {"bandwidth": "σ", "samples": "S", "min_prob": "p>", "normalised": "norm",
-                "reference": "ref", "miller_madow": "MM", "max_new_tokens": "max",
-                "temperature": "T", "answer_scope": "scope", "keep_tokens": "keep"}
 
 
 def _short_value(value: Any) -> str:
@@ -42,22 +29,28 @@ def _short_value(value: Any) -> str:
 
 
 def short_params(estimator: str, params: Mapping[str, Any]) -> str:
-    """e.g. hsic -> "σ=50", a median-bandwidth plain run -> "σ=median norm=off"."""
+    """e.g. hsic -> "σ=50", a median-bandwidth plain run -> "σ=median norm=off". What
+    to show comes from the estimator's own declaration (headline, short names, and its
+    defaults as the usual values): nothing is copied here."""
+    cls = REGISTRY.get(estimator)
+    # getattr: a registered estimator need not subclass Estimator (duck typing)
+    usual = getattr(cls, "defaults", None)
+    headline = getattr(cls, "headline", ())
+    names = {**SHORT_NAMES, **getattr(cls, "short_names", {})}
     parts = []
-    usual = _USUAL.get(estimator)
-    for key in _HEADLINE.get(estimator, ()):
+    for key in headline:
         if key in params:
-            name = _SHORT_NAMES.get(key, key)
+            name = names.get(key, key)
             sep = "" if name.endswith(">") else "="
             parts.append(f"{name}{sep}{_short_value(params[key])}")
     for key, value in params.items():
-        if key in _HEADLINE.get(estimator, ()):
+        if key in headline:
             continue
         if usual is not None and usual.get(key, object()) == value:
             continue
         if usual is None and len(parts) >= 2:
             break  # an estimator this view doesn't know: its first parameters only
-        parts.append(f"{_SHORT_NAMES.get(key, key)}={_short_value(value)}")
+        parts.append(f"{names.get(key, key)}={_short_value(value)}")
     return " ".join(parts)
 
 

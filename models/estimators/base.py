@@ -56,11 +56,20 @@ class EstimatorChunk:
     children: list[ChildTrace] = field(default_factory=list)
 
 
+# Short names of parameters in labels ("hsic σ=50"); an estimator adds its own.
+SHORT_NAMES: dict[str, str] = {"reference": "ref", "max_new_tokens": "max",
+                               "temperature": "T", "keep_tokens": "keep"}
+
+
 class Estimator(ABC):
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[dict[str, Any]] = {}
     default_positions: ClassVar[str] = "all"  # all | stratified
+    # How its runs are labelled (the explorer's legend, panel and pickers): the headline
+    # parameters are always shown; the others only where they differ from `defaults`.
+    headline: ClassVar[tuple[str, ...]] = ()
+    short_names: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: Mapping[str, Any] | None = None):
         merged = dict(self.defaults)

@@ -31,6 +31,8 @@ from models.estimators.base import (
 class HsicEstimator(Estimator):
     name = "hsic"
     needs = frozenset({"hidden", "reference"})
+    headline: ClassVar[tuple[str, ...]] = ("bandwidth",)
+    short_names: ClassVar[dict[str, str]] = {"bandwidth": "σ", "normalised": "norm"}
     defaults: ClassVar[dict[str, Any]] = {
         "layer": -1,
         "bandwidth": 50.0,  # sigma; or "median" (per-vector median heuristic)

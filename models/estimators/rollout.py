@@ -47,6 +47,9 @@ class RolloutEstimator(Estimator):
     name = "rollout"
     needs = frozenset({"rollouts"})
     default_positions = "stratified"
+    headline: ClassVar[tuple[str, ...]] = ("samples", "min_prob")
+    short_names: ClassVar[dict[str, str]] = {"samples": "S", "min_prob": "p>",
+                                             "miller_madow": "MM", "answer_scope": "scope"}
     defaults: ClassVar[dict[str, Any]] = {
         "samples": 8,
         "min_prob": 0.05,
