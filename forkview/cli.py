@@ -94,6 +94,16 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
+def _explorer_options(p: argparse.ArgumentParser) -> None:
+    """What the explorer takes (the bare `forkview` and `forkview serve`): its MI
+    estimators, the model and the database."""
+    p.add_argument("--mi", default="hsic,answer-gain", metavar="NAMES",
+                   help="MI estimators the explorer computes after each generation "
+                   "(default hsic,answer-gain; 'none' for none)")
+    _model_options(p)
+    _db_option(p)
+
+
 def _trace_model_options(p: argparse.ArgumentParser, help_: str) -> None:
     """--model / --device / --dtype for commands that work on saved traces: the model
     defaults to the one that made each trace (args.trace_model is None then)."""
@@ -136,11 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kept in SQLite. Without a command, opens the explorer.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    p.add_argument("--mi", default="hsic,answer-gain", metavar="NAMES",
-                   help="MI estimators the explorer computes after each generation "
-                   "(default hsic,answer-gain; 'none' for none)")
-    _model_options(p)
-    _db_option(p)
+    _explorer_options(p)
     _generation_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
@@ -362,10 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--browse", action="store_true",
                     help="serve 'forkview browse' (saved traces, no model) instead of the "
                     "explorer")
-    sv.add_argument("--mi", default="hsic,answer-gain", metavar="NAMES",
-                    help="as for the explorer (default hsic,answer-gain; 'none' for none)")
-    _model_options(sv)
-    _db_option(sv)
+    _explorer_options(sv)
     _generation_options(sv)
 
     co = sub.add_parser("completion", help="print a shell completion script, e.g. "

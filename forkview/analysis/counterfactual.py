@@ -147,7 +147,7 @@ def analyse(positions: list[CounterfactualPosition], model_names: dict[int, str]
                 iv = inf.interval(d)
                 row.categories.setdefault(c, {"n_positions": int((cat == c).sum())})[
                     metric] = {"mean": float(v[sel].mean()) if sel.any() else None,
-                               "ci": [inf._num(iv.lo), inf._num(iv.hi)],
+                               "ci": [inf.finite_or_none(iv.lo), inf.finite_or_none(iv.hi)],
                                "n": int(sel.sum()), "undefined_resamples": iv.undefined}
         for c in ("e_only", "p_only", "both"):
             d = draws[("importance", c)] - draws[("importance", "control")]
@@ -167,12 +167,12 @@ def analyse(positions: list[CounterfactualPosition], model_names: dict[int, str]
             riv = inf.interval(np.where(np.isfinite(ratio_d), ratio_d, np.nan))
             row.differences[c] = {
                 "metric": "importance", "estimate": est,
-                "ci": [inf._num(iv.lo), inf._num(iv.hi)], "p_two_sided": p,
+                "ci": [inf.finite_or_none(iv.lo), inf.finite_or_none(iv.hi)], "p_two_sided": p,
                 "null": "difference 0: two-sided percentile bootstrap over prompts",
                 "adjusted_p": None,
                 "detectable_80": (_z(0.975) + _z(0.8)) * se if math.isfinite(se) else None,
-                "p_change_ratio": ratio, "p_change_ratio_ci": [inf._num(riv.lo),
-                                                                inf._num(riv.hi)]}
+                "p_change_ratio": ratio, "p_change_ratio_ci": [inf.finite_or_none(riv.lo),
+                                                                inf.finite_or_none(riv.hi)]}
         row.sentence = _sentence(row)
         rows.append(row)
     return rows

@@ -57,17 +57,26 @@ def slug(text: str) -> str:
 
 # ---------------------------------------------------------------------- figures
 def entropy_histogram(model: Any) -> Any:
+    return _histogram(model.histogram, BLUE, None, model.threshold,
+                      f"E threshold {model.threshold:.3g} nats"
+                      if model.threshold is not None else "",
+                      "entropy (nats)", "tokens", f"{model.name}: {model.n_tokens:,} tokens")
+
+
+def _histogram(hist: dict[str, Any], colour: str, label: str | None, mark: float | None,
+               mark_label: str, xlabel: str, ylabel: str, title: str) -> Any:
+    """Counts on bin edges as a filled step plot, with a red line at `mark`."""
     fig, ax = _fig()
-    edges, counts = model.histogram.get("edges", []), model.histogram.get("counts", [])
-    if counts:
-        ax.stairs(counts, edges, fill=True, color=BLUE, alpha=0.8)
-    if model.threshold is not None:
-        ax.axvline(model.threshold, color="#d62728", ls="--", lw=0.8,
-                   label=f"E threshold {model.threshold:.3g} nats")
+    if hist.get("counts"):
+        ax.stairs(hist["counts"], hist["edges"], fill=True, color=colour, alpha=0.7,
+                  label=label)
+    if mark is not None:
+        ax.axvline(mark, color="#d62728", ls="--", lw=1.0, label=mark_label)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False)
-    ax.set_xlabel("entropy (nats)")
-    ax.set_ylabel("tokens")
-    ax.set_title(_t(f"{model.name}: {model.n_tokens:,} tokens"))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(_t(title))
     return fig
 
 
@@ -156,21 +165,12 @@ def roc(row: Any) -> Any:
 
 
 def null_distribution(row: Any) -> Any:
-    fig, ax = _fig()
     nd = row.result.figures.get("odds_ratio_null", {})
-    if nd.get("counts"):
-        ax.stairs(nd["counts"], nd["edges"], fill=True, color=GREY, alpha=0.6,
-                  label="circular-shift null")
-    if nd.get("observed") is not None:
-        ax.axvline(nd["observed"], color="#d62728", lw=1.2, label="observed")
-    ax.set_xlabel("log odds ratio, pooled 2×2 (E × P)")
-    ax.set_ylabel("shifts")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(frameon=False)
     p = row.result.stats["odds_ratio"]
-    ax.set_title(_t(f"{row.estimator}: p two-sided {p.p:.4f} ({p.tail})" if p.p is not None
-                    else row.estimator))
-    return fig
+    return _histogram(nd, GREY, "circular-shift null", nd.get("observed"), "observed",
+                      "log odds ratio, pooled 2×2 (E × P)", "shifts",
+                      f"{row.estimator}: p two-sided {p.p:.4f} ({p.tail})"
+                      if p.p is not None else row.estimator)
 
 
 def forest(report: Any) -> Any:

@@ -113,8 +113,8 @@ class Stratified:
     def to_json(self) -> dict[str, Any]:
         # estimate and interval as floats: 0 and inf are values (JSON writes inf as null)
         return {"estimate": self.estimate, "ci": [self.ci[0], self.ci[1]],
-                "p_two_sided": _num(self.p), "observed": _num(self.observed),
-                "expected": _num(self.expected), "null_sd": _num(self.null_sd),
+                "p_two_sided": finite_or_none(self.p), "observed": finite_or_none(self.observed),
+                "expected": finite_or_none(self.expected), "null_sd": finite_or_none(self.null_sd),
                 "strata": self.strata}
 
 
@@ -198,7 +198,7 @@ class Interval:
     undefined: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"ci": [_num(self.lo), _num(self.hi)], "resamples": self.draws,
+        return {"ci": [finite_or_none(self.lo), finite_or_none(self.hi)], "resamples": self.draws,
                 "undefined": self.undefined}
 
 
@@ -356,13 +356,12 @@ def mean_draws(values: np.ndarray, W: np.ndarray) -> np.ndarray:
 
 
 def interval(draws: np.ndarray, level: float = 0.95) -> Interval:
+    """overlap.percentile_interval, with the undefined (non-finite) draws counted."""
+    from forkview.analysis.overlap import percentile_interval
+
     draws = np.asarray(draws, dtype=np.float64)
-    ok = np.isfinite(draws)
-    if not ok.any():
-        return Interval(math.nan, math.nan, len(draws), len(draws))
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(draws[ok], [tail, 100 - tail])
-    return Interval(float(lo), float(hi), len(draws), int((~ok).sum()))
+    lo, hi = percentile_interval(draws, level)
+    return Interval(lo, hi, len(draws), int((~np.isfinite(draws)).sum()))
 
 
 def position_profile(position_bin: np.ndarray, entropy: np.ndarray, mi: np.ndarray,
@@ -374,7 +373,7 @@ def position_profile(position_bin: np.ndarray, entropy: np.ndarray, mi: np.ndarr
         h = np.bincount(position_bin, weights=entropy, minlength=bins) / n
         m = np.bincount(position_bin, weights=mi, minlength=bins) / n
     return {"bin_start": [i / bins for i in range(bins)], "n": n.astype(int).tolist(),
-            "entropy": [_num(v) for v in h], "mi": [_num(v) for v in m]}
+            "entropy": [finite_or_none(v) for v in h], "mi": [finite_or_none(v) for v in m]}
 
 
 # --------------------------------------------------------------------- multiplicity
@@ -461,7 +460,9 @@ def _fp(p: float) -> str:
     return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
-def _num(v: float | None) -> float | None:
+def finite_or_none(v: float | None) -> float | None:
+    """A number for JSON: None where it is missing, NaN or infinite (one definition for
+    the report's modules; overlap.py uses it too)."""
     return None if v is None or not math.isfinite(v) else float(v)
 
 
@@ -516,9 +517,10 @@ def infer(trace: np.ndarray, entropy: np.ndarray, mi: np.ndarray, high: np.ndarr
                      + (", E's threshold refitted in each resample" if refit else
                         ", E held (per-trace or fixed threshold)"),
         "resamples": boot.draws, "undefined_resamples": boot.undefined,
-        "p_two_sided": _num(prim.p), "null": PRIMARY_NULL,
-        "null_mean_overlap": _num(prim.expected), "null_sd_overlap": _num(prim.null_sd),
-        "observed_overlap": _num(prim.observed),
+        "p_two_sided": finite_or_none(prim.p), "null": PRIMARY_NULL,
+        "null_mean_overlap": finite_or_none(prim.expected),
+        "null_sd_overlap": finite_or_none(prim.null_sd),
+        "observed_overlap": finite_or_none(prim.observed),
         "adjusted_p": None,  # set across the report's primaries (Holm)
     }
 
@@ -530,8 +532,9 @@ def infer(trace: np.ndarray, entropy: np.ndarray, mi: np.ndarray, high: np.ndarr
                               ("auroc_within_trace", auc_t, 0.5)):
         t = cluster_t_test(values, cluster, null)
         iv = interval(mean_draws(values, W)) if len(W) else Interval(math.nan, math.nan, 0, 0)
-        controls[key] = {"estimate": _num(t["estimate"]), "ci": [_num(iv.lo), _num(iv.hi)],
-                         "undefined_resamples": iv.undefined, "p_two_sided": _num(t["p"]),
+        controls[key] = {"estimate": finite_or_none(t["estimate"]),
+                         "ci": [finite_or_none(iv.lo), finite_or_none(iv.hi)],
+                         "undefined_resamples": iv.undefined, "p_two_sided": finite_or_none(t["p"]),
                          "null": f"mean = {null:g}: t-test over prompt means "
                                  f"({t['clusters']} prompts, {t['traces']} traces)",
                          "adjusted_p": None}
@@ -541,9 +544,9 @@ def infer(trace: np.ndarray, entropy: np.ndarray, mi: np.ndarray, high: np.ndarr
                                   "adjusted_p": None}
 
     chance = {
-        "within_trace_expected_overlap": _num(tables["trace"].expected),
-        "within_trace_null_sd": _num(tables["trace"].null_sd),
-        "position_expected_overlap": _num(prim.expected),
+        "within_trace_expected_overlap": finite_or_none(tables["trace"].expected),
+        "within_trace_null_sd": finite_or_none(tables["trace"].null_sd),
+        "position_expected_overlap": finite_or_none(prim.expected),
     }
     return {"primary": primary, "cmh_odds_ratio": {"estimate": prim.estimate,
                                                    "ci": [boot.lo, boot.hi]},
@@ -562,12 +565,12 @@ def set_association(a: np.ndarray, b: np.ndarray, trace: np.ndarray,
     na, nb, both = int(a.sum()), int(b.sum()), int((a & b).sum())
     union = na + nb - both
     return {"n_positions": len(a), "n_a": na, "n_b": nb, "n_both": both,
-            "expected_both": _num(tab.expected) if tab.strata else None,
+            "expected_both": finite_or_none(tab.expected) if tab.strata else None,
             "jaccard": both / union if union else None,
             "a_in_b": both / na if na else None,
             "a_in_b_chance": (tab.expected / na) if na and tab.strata else None,
             "odds_ratio": tab.estimate, "ci": [tab.ci[0], tab.ci[1]],
-            "p_two_sided": _num(tab.p)}
+            "p_two_sided": finite_or_none(tab.p)}
 
 
 def bootstrap_weights_for(n_clusters: int, iterations: int, seed: int,

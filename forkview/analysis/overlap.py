@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from forkview.analysis.inference import cluster_weights, infer, token_class_codes
+from forkview.analysis.inference import finite_or_none as _num
 from forkview.analysis.peaks import PeakRule
 
 # Wang et al.'s 80th percentile of Qwen3-8B's token entropy (nats): "forking" above it.
@@ -662,10 +663,6 @@ class Estimate:
                 "p": _num(self.p), "p_two_sided": _num(self.p), "tail": self.tail,
                 "null_mean": _num(self.null_mean), "null_sd": _num(self.null_sd),
                 "adjusted_p": _num(self.p_adj)}
-
-
-def _num(v: float | None) -> float | None:
-    return None if v is None or not math.isfinite(v) else float(v)
 
 
 @dataclass

@@ -563,35 +563,27 @@ def conclude(report: Report) -> None:
     held = inf.adjust([_pnum(r.result.primary.get("p_two_sided")) for r in primaries],
                       "holm")
     for r, p in zip(primaries, held, strict=True):
-        r.result.primary["adjusted_p"] = inf._num(p)
-    # the secondary family: (setter, p) pairs
-    family: list[tuple[Callable[[float], None], float]] = []
+        r.result.primary["adjusted_p"] = inf.finite_or_none(p)
+    # the secondary family: one test each, with the places its adjusted p goes to (a
+    # dict's "adjusted_p" or an Estimate's p_adj)
+    family: list[tuple[list[Any], float]] = []
     for r in report.rows + report.strata:
         res = r.result
         if r.group != "all":
-            prim = res.primary
-            family.append((lambda v, prim=prim: prim.__setitem__("adjusted_p", inf._num(v)),
-                           _pnum(prim.get("p_two_sided"))))
-        shared = res.stats["jaccard"]
-
-        def set_shared(v: float, res: ov.OverlapResult = res) -> None:
-            for k in _SET_STATS:
-                res.stats[k].p_adj = inf._num(v)
-        family.append((set_shared, _pnum(shared.p)))
-        for k in ("spearman", "auroc"):
-            est = res.stats[k]
-            family.append((lambda v, est=est: setattr(est, "p_adj", inf._num(v)),
-                           _pnum(est.p)))
-        for ctl in res.controls.values():
-            family.append((lambda v, ctl=ctl: ctl.__setitem__("adjusted_p", inf._num(v)),
-                           _pnum(ctl.get("p_two_sided"))))
+            family.append(([res.primary], _pnum(res.primary.get("p_two_sided"))))
+        # the set statistics share one shift-null test (_SET_STATS)
+        family.append(([res.stats[k] for k in _SET_STATS], _pnum(res.stats["jaccard"].p)))
+        family += [([res.stats[k]], _pnum(res.stats[k].p)) for k in ("spearman", "auroc")]
+        family += [([c], _pnum(c.get("p_two_sided"))) for c in res.controls.values()]
     for crow in report.counterfactual:
-        for diff in crow.differences.values():
-            family.append((lambda v, diff=diff: diff.__setitem__("adjusted_p", inf._num(v)),
-                           _pnum(diff.get("p_two_sided"))))
+        family += [([d], _pnum(d.get("p_two_sided"))) for d in crow.differences.values()]
     adjusted = inf.adjust([p for _, p in family], "fdr_bh")
-    for (setter, _), v in zip(family, adjusted, strict=True):
-        setter(v)
+    for (targets, _), v in zip(family, adjusted, strict=True):
+        for target in targets:
+            if isinstance(target, dict):
+                target["adjusted_p"] = inf.finite_or_none(v)
+            else:
+                target.p_adj = inf.finite_or_none(v)
     for crow in report.counterfactual:  # its sentence quotes the adjusted p
         crow.sentence = cf.sentence(crow)
     n_settings = sorted({s for r in report.rows for s in r.settings})
