@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.errors import one_line
+
 ARITH_SET = "arith"
 BUILTIN_SETS = ("arith",)
 
@@ -346,7 +348,7 @@ def read_dataset(spec: str, fields: Fields | None = None,
     except Exception as e:  # missing files, offline, a bad config: one line each
         where = "a saved dataset folder" if local.is_dir() else "a hub dataset"
         raise ValueError(f"{spec}: cannot load it as {where} "
-                         f"({type(e).__name__}: {_one_line(e)})") from None
+                         f"({type(e).__name__}: {one_line(e)})") from None
     ds, split_name = _pick_split(obj, split, spec)
     src = f"{spec} (split {split_name})" if split_name else spec
     prefix = f"{name}-{split_name}" if split_name else name
@@ -476,10 +478,6 @@ def _check_columns(src: str, columns: list[str], fields: Fields) -> None:
                          + f"; --prompt-field NAME names another); columns: {have}")
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _text(value: object) -> str | None:
     """A field as text: numbers are fine (answers often are), blanks mean absent."""
     if value is None:
@@ -547,7 +545,7 @@ def _parquet_rows(p: Path, fields: Fields) -> Iterator[tuple[str, dict[str, Any]
     try:
         pf = pq.ParquetFile(p)
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{p}: not a readable Parquet file ({_one_line(e)})") from None
+        raise ValueError(f"{p}: not a readable Parquet file ({one_line(e)})") from None
     _check_columns(str(p), list(pf.schema_arrow.names), fields)
 
     def rows() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -558,6 +556,6 @@ def _parquet_rows(p: Path, fields: Fields) -> Iterator[tuple[str, dict[str, Any]
                     n += 1
                     yield f"{p} row {n}", row
         except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{p}: unreadable after row {n} ({_one_line(e)})") from None
+            raise ValueError(f"{p}: unreadable after row {n} ({one_line(e)})") from None
 
     return rows()

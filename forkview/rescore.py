@@ -87,7 +87,7 @@ def check_tokenizers(store: Store, infos: Sequence[TraceInfo], lm: LoadedModel) 
 
 def rescore_trace(lm: LoadedModel, store: Store, info: TraceInfo, model_id: int) -> RescoreResult:
     """Score one trace's tokens with `lm` and store them under `model_id`."""
-    from models.generate import score_tokens
+    from models.engine import score_tokens
 
     result = RescoreResult(trace_id=info.id, status="scored")
     if info.model_id == model_id:
@@ -127,11 +127,11 @@ def rescore(
     on_mi: Callable[[int, str, str], None] | None = None,
 ) -> list[RescoreResult]:
     """Score every trace (skipping those already scored by this model), then run the
-    estimators with this model on the root traces (runs already complete are left as
-    they are; an interrupted one resumes)."""
-    from forkview.mi import run_estimator, run_params
+    estimators with this model on the root traces it did not make (forkview.mi.run_many:
+    runs already complete are left as they are, an interrupted one resumes, a trace an
+    estimator cannot run on is skipped with its reason)."""
+    from forkview.mi import jobs_for, run_many
     from forkview.pipeline import model_row_id
-    from store.db import canonical_json
 
     check_tokenizers(store, infos, lm)
     model_id = model_row_id(store, lm)
@@ -143,20 +143,15 @@ def rescore(
         results.append(r)
         if on_trace:
             on_trace(r)
-    for info in infos:
-        # MI with the second model on root traces only, as `forkview mi --all` does.
-        if not estimators or info.parent_trace_id is not None or info.model_id == model_id:
-            continue
-        have = {(run.estimator, canonical_json(run.params))
-                for run in store.mi_runs(info.id) if run.status == "complete"}
-        for est in estimators:
-            if cancel is not None and cancel.is_set():
-                return results
-            if (est.name, canonical_json(run_params(store, info.id, est, lm))) in have:
-                if on_mi:
-                    on_mi(info.id, est.name, "already complete")
-                continue
-            summary = run_estimator(lm, store, info.id, est, model_id=model_id, cancel=cancel)
-            if on_mi:
-                on_mi(info.id, est.name, summary.status)
+    if cancel is not None and cancel.is_set():
+        return results
+    # MI with the second model on root traces only, superseded copies left out, as
+    # `forkview mi --all` does.
+    roots = [info.id for info in infos
+             if info.parent_trace_id is None and info.model_id != model_id]
+    if estimators and roots:
+        run_many(lm, store, jobs_for(roots, estimators), model_id=model_id, cancel=cancel,
+                 superseded=False,
+                 on_outcome=None if on_mi is None else
+                 lambda o: on_mi(o.job.trace_id, o.job.estimator.name, o.label))
     return results

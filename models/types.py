@@ -45,6 +45,22 @@ class TokenStep:
         return d
 
 
+# N samples at T = 0 would be N identical copies: sampling several continuations (a
+# batch's samples per prompt, `forkview fork --sample` from a greedy trace) draws at
+# T = 1 unless a temperature is given.
+SAMPLE_TEMPERATURE = 1.0
+
+
+def forkview_version() -> str:
+    """The installed forkview's version, as traces, the database and reports record it."""
+    try:
+        from importlib.metadata import version
+
+        return version("forkview")
+    except Exception:
+        return "0+unknown"
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Every knob that decides a trace; stored with it so it can be replayed."""
@@ -57,6 +73,8 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     top_alternatives: int = 10
     raw: bool = False  # True: no chat template
+    system: str | None = None  # system message put before the prompt (chat template)
+    enable_thinking: bool | None = None  # passed to the chat template when not None
 
     @property
     def greedy(self) -> bool:

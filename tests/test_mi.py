@@ -303,3 +303,67 @@ def test_mi_with_nothing_left_returns_without_loading_a_model(saved_trace, tiny_
                          timeout=120)
     assert out.stdout.split() == ["0", "False"], out.stderr
     assert "nothing left to compute" in out.stderr
+
+
+def test_check_says_why_an_estimator_cannot_run():
+    from models.estimators import TraceData
+
+    def trace(text: str = "no number here", **refs: str) -> TraceData:
+        return TraceData([1], [2, 3], [0.5, 0.1], text, **refs)
+
+    hsic, gain, rollout = (get_estimator(n) for n in ("hsic", "answer-gain", "rollout"))
+    missing = ("no reference answer for this prompt and no answer extractable from the "
+               "trace's text")
+    assert hsic.check(trace()) == missing and gain.check(trace()) == missing
+    assert hsic.check(trace(reference_answer="8")) is None
+    assert hsic.check(trace(reference_solution="3 + 5 = 8")) is None
+    # answer-gain forces an answer: a worked solution alone is not one
+    assert gain.check(trace(reference_solution="3 + 5 = 8")) == missing
+    assert gain.check(trace("so the answer is 8")) is None  # extractable from the text
+    assert get_estimator("hsic", {"reference": "solution"}).check(
+        trace(reference_answer="8")) == "no reference solution for this prompt"
+    assert get_estimator("hsic", {"reference": "self"}).check(
+        trace(reference_answer="8")) == "no answer extractable from the trace's text"
+    assert rollout.check(trace()) is None  # rollouts need no reference
+
+
+def test_run_many_skips_with_a_reason_and_goes_on(tiny_lm, db_path):
+    """One path for every caller: a trace an estimator cannot run on, a trace of another
+    model (own_model) and a run that fails each get their outcome; the others run, and
+    a second pass finds them done."""
+    import sqlite3
+
+    from forkview.mi import MIJob, cannot_run, jobs_for, run_many
+
+    store = Store.open(db_path)
+    params = GenerationParams(max_new_tokens=6)
+    good = annotate_prompt(tiny_lm, store, "What is 3 + 5?", params, answer="8").trace_id
+    bare = annotate_prompt(tiny_lm, store, "hello", params).trace_id
+    other = annotate_prompt(tiny_lm, store, "What is 1 + 1?", params, answer="2").trace_id
+    elsewhere = store.upsert_model(name="x", spec="x", kind="dir", dtype="float16",
+                                   device="cpu")
+    store.close()
+    with sqlite3.connect(db_path) as con:
+        con.execute("UPDATE traces SET model_id = ? WHERE id = ?", (elsewhere, other))
+    store = Store.open(db_path)
+    hsic = get_estimator("hsic")
+    assert cannot_run(store, MIJob(bare, hsic)).startswith("no reference answer")
+    assert cannot_run(store, MIJob(good, hsic)) is None
+    seen = []
+    jobs = [*jobs_for([good, bare, other], [hsic]),
+            MIJob(good, get_estimator("hsic", {"layer": 99}))]
+    runs = run_many(tiny_lm, store, jobs, own_model=True, on_outcome=seen.append)
+    by = {(o.job.trace_id, o.job.estimator.params["layer"]): o for o in runs.outcomes}
+    assert seen == runs.outcomes and not runs.interrupted
+    assert by[good, -1].status == "complete"
+    assert by[bare, -1].status == "skipped" and "no reference answer" in by[bare, -1].reason
+    assert by[other, -1].status == "skipped" and by[other, -1].other_model
+    assert by[good, 99].status == "failed" and "out of range" in by[good, 99].reason
+    assert store.mi_runs(bare) == [] and store.mi_runs(other) == []
+    assert by[bare, -1].line.startswith(f"trace {bare} hsic: skipped (no reference")
+    # Without own_model the other model's trace runs, kept as a run of this model.
+    again = run_many(tiny_lm, store, jobs_for([good, other], [hsic]))
+    assert [o.status for o in again.outcomes] == ["done", "complete"]
+    assert again.outcomes[0].label == "already complete"
+    assert "model" in store.mi_runs(other)[0].params
+    store.close()

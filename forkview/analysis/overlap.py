@@ -53,6 +53,7 @@ import numpy as np
 from forkview.analysis.inference import cluster_weights, infer, token_class_codes
 from forkview.analysis.inference import finite_or_none as _num
 from forkview.analysis.peaks import PeakRule
+from models.high_entropy import HIGH_ENTROPY_FRACTION, top_count
 
 # Wang et al.'s 80th percentile of Qwen3-8B's token entropy (nats): "forking" above it.
 WANG_THRESHOLD = 0.672
@@ -89,9 +90,10 @@ def compact(trace: IntArray) -> tuple[IntArray, IntArray]:
 
 
 def _k_of(n: IntArray | int, rho: float) -> Any:
-    # ceil(n * rho) with a hair of slack so 15 * 0.2 (= 3.0000000000000004) keeps 3,
-    # and at least one: the same count as peaks.py's top-rho rule.
-    return np.maximum(1, np.ceil(np.asarray(n) * rho - 1e-9)).astype(np.int64)
+    # models.high_entropy.top_count (ceil(n * rho), at least one) of each count.
+    counts = np.asarray(n, dtype=np.int64)
+    return np.array([top_count(int(m), rho) for m in counts.ravel()],
+                    dtype=np.int64).reshape(counts.shape)
 
 
 def _finite(values: FloatArray) -> BoolArray:
@@ -104,7 +106,7 @@ class EntropyRule:
     """How E is chosen: scope corpus | trace (top `rho`) or threshold (>= `threshold`)."""
 
     scope: str = "corpus"
-    rho: float = 0.2
+    rho: float = HIGH_ENTROPY_FRACTION
     threshold: float | None = None
 
     def __post_init__(self) -> None:

@@ -19,6 +19,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from models.high_entropy import HIGH_ENTROPY_FRACTION, top_count
+
 SCALE_QUANTILES = (0.05, 0.95)
 
 
@@ -63,7 +65,8 @@ class PeakRule:
 
 
 TUKEY = PeakRule("tukey", 1.5)
-RULES: tuple[PeakRule, ...] = (TUKEY, PeakRule("topk", 20), PeakRule("topr", 0.2))
+RULES: tuple[PeakRule, ...] = (TUKEY, PeakRule("topk", 20),
+                               PeakRule("topr", HIGH_ENTROPY_FRACTION))
 
 
 def _largest(values: dict[int, float], k: int) -> list[int]:
@@ -85,7 +88,7 @@ def find_peaks(values: Mapping[int, float | None], rule: PeakRule = TUKEY) -> li
     if rule.name == "topk":
         return _largest(vals, int(rule.param))
     if rule.name == "topr":
-        return _largest(vals, max(1, math.ceil(len(vals) * rule.param - 1e-9)))
+        return _largest(vals, top_count(len(vals), rule.param))
     raise ValueError(f"unknown peak rule {rule.name!r}")
 
 

@@ -86,6 +86,13 @@ class Estimator(ABC):
         """Check and normalise the full parameter set; raise ModelError on bad values."""
         return params
 
+    def check(self, trace: TraceData) -> str | None:
+        """Why this estimator, with its parameters, cannot run on `trace` (one line), or
+        None when it can: the preconditions `run` would otherwise raise ModelError for
+        before doing any work, checked without a model, so a caller skips the trace
+        with this reason instead of leaving a failed run (forkview/mi.py `run_many`)."""
+        return None
+
     @abstractmethod
     def run(self, lm: Any, trace: TraceData, positions: Sequence[int]) -> Iterator[EstimatorChunk]:
         """Yield values for `positions` (already without the ones stored earlier)."""
@@ -157,8 +164,18 @@ def finite_or_none(x: float) -> float | None:
 REFERENCES = ("auto", "solution", "answer", "self")
 
 
-def pick_reference(trace: TraceData, which: str) -> tuple[str, str]:
-    """(text, kind): the text h_y is computed from, and where it came from."""
+MISSING_REFERENCE = {
+    "auto": "no reference answer for this prompt and no answer extractable from the "
+            "trace's text",
+    "solution": "no reference solution for this prompt",
+    "answer": "no reference answer for this prompt",
+    "self": "no answer extractable from the trace's text",
+}
+
+
+def find_reference(trace: TraceData, which: str) -> tuple[str, str] | None:
+    """(text, kind): the reference text `which` (auto | solution | answer | self) picks
+    for this trace and where it came from; None when there is none."""
     from models.answers import extract_answer
 
     if which in ("auto", "solution") and trace.reference_solution:
@@ -169,5 +186,18 @@ def pick_reference(trace: TraceData, which: str) -> tuple[str, str]:
         got = extract_answer(trace.text)
         if got is not None:
             return got.value, "self"
-    raise ModelError(f"no {'answer' if which == 'auto' else which} reference for this trace "
-                     "(no reference given and no answer extractable from its text)")
+    return None
+
+
+def missing_reference(trace: TraceData, which: str) -> str | None:
+    """Why `which` gives no reference for this trace (MISSING_REFERENCE), or None."""
+    return None if find_reference(trace, which) is not None else MISSING_REFERENCE[which]
+
+
+def pick_reference(trace: TraceData, which: str) -> tuple[str, str]:
+    """(text, kind): the text h_y is computed from, and where it came from; ModelError
+    when there is none."""
+    found = find_reference(trace, which)
+    if found is None:
+        raise ModelError(MISSING_REFERENCE[which])
+    return found

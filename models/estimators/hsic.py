@@ -22,6 +22,7 @@ from models.estimators.base import (
     Estimator,
     EstimatorChunk,
     TraceData,
+    missing_reference,
     pick_reference,
     register,
 )
@@ -53,6 +54,9 @@ class HsicEstimator(Estimator):
             raise ModelError(f"reference must be one of {', '.join(REFERENCES)}, "
                              f"got '{params['reference']}'")
         return params
+
+    def check(self, trace: TraceData) -> str | None:
+        return missing_reference(trace, self.params["reference"])
 
     def run(self, lm: Any, trace: TraceData, positions: Sequence[int]) -> Iterator[EstimatorChunk]:
         import torch
