@@ -60,6 +60,12 @@ LAYERS = {
     "forkview.prompt_sets": ("textual", "forkview.ui", "forkview.app"),
     "forkview.report_cmd": ("textual", "torch", "forkview.ui", "forkview.app"),
     "forkview.text": ("textual", "torch", "numpy"),
+    # `forkview figure`: rich alone draws it, with the explorer's colours from the scale,
+    # which is pure Rich (the one definition of the colours, shared with the explorer)
+    "forkview.trace_figure": ("textual", "torch", "transformers", "forkview.app",
+                              "forkview.cli", "forkview.ui.trace_view", "forkview.ui.explorer",
+                              "forkview.ui.status", "models.loading", "models.generate"),
+    "forkview.ui.scale": ("textual", "torch", "numpy"),
     # the tree opens the compare view; the compare view never imports the tree (what
     # both show lives in family_text): no cycle between screens
     "forkview.ui.compare": ("forkview.ui.tree",),

@@ -1,4 +1,5 @@
-"""The entropy colour scale, token display text and the high-entropy rule.
+"""The entropy colour scale and token display text (the high-entropy rule itself is
+models/high_entropy.py, re-exported here for the views).
 
 Pure Python (Rich styles only): the trace view, the side panel and the legend all
 read colours from here so one token looks the same everywhere.
@@ -17,11 +18,17 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
 from functools import lru_cache
 
 from rich.color import Color
 from rich.style import Style
+from rich.text import Text
+
+from models.high_entropy import (  # noqa: F401  (re-exported for the views)
+    HIGH_ENTROPY_FRACTION,
+    high_entropy_positions,
+    high_entropy_threshold,
+)
 
 # Viridis sampled at 9 evenly spaced points (0 = low entropy, 8 = high).
 VIRIDIS = (
@@ -31,7 +38,6 @@ VIRIDIS = (
 # Lower edges (nats) of bins 1..8; bin 0 is [0, 0.01), the last bin is open (>= 3).
 BIN_EDGES = (0.01, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 N_BINS = len(VIRIDIS)
-HIGH_ENTROPY_FRACTION = 0.2  # "high-entropy" = top 20% of a trace's tokens
 
 NEWLINE_MARK = "⏎"
 EMPTY_MARK = "∅"  # a token whose text is empty (special token, held-back bytes)
@@ -130,24 +136,33 @@ def overlay_style(view: str, entropy_index: int, mi_index: int | None, cursor: b
     return style
 
 
-def high_entropy_threshold(entropies: Sequence[float],
-                           fraction: float = HIGH_ENTROPY_FRACTION) -> float | None:
-    """Smallest entropy still in the top `fraction` of the trace (ties included)."""
-    values = [e for e in entropies if e is not None and not math.isnan(e)]
-    if not values:
-        return None
-    # The epsilon keeps float noise from rounding up (15 * 0.2 = 3.0000000000000004).
-    k = max(1, math.ceil(len(values) * fraction - 1e-9))
-    return sorted(values, reverse=True)[k - 1]
+# A branch's inherited prefix (the tokens before its fork) is drawn faded: still on
+# its colour, but clearly not the branch's own.
+PREFIX_STYLE = Style(dim=True)
 
 
-def high_entropy_positions(entropies: Sequence[float],
-                           fraction: float = HIGH_ENTROPY_FRACTION) -> list[int]:
-    """Indices of the trace's high-entropy tokens, in order."""
-    threshold = high_entropy_threshold(entropies, fraction)
-    if threshold is None:
-        return []
-    return [i for i, e in enumerate(entropies) if e is not None and e >= threshold]
+def append_entropy_scale(text: Text, *, compact: bool = False, units: bool = True) -> Text:
+    """The entropy legend: "entropy" then each step's lower edge on its colour
+    (0 … 3+), then "nats". The explorer's legend and `forkview figure` both draw it."""
+    text.append("H" if compact else "entropy", style="dim")
+    for i in range(N_BINS):
+        text.append(f"{bin_label(i):>4}", style=bin_style(i))
+    if units and not compact:
+        text.append(" nats", style="dim")
+    return text
+
+
+def append_mi_scale(text: Text, label: str, lo: float, hi: float) -> Text:
+    """The MI legend: the series, its per-trace scale lo … hi (5th to 95th percentile,
+    forkview.analysis.peaks) as the colour steps between."""
+    text.append("MI ", style="dim")
+    text.append(label, style="bold")
+    text.append(f" {lo:.3g} ", style="dim")
+    for i in range(N_BINS):
+        text.append("  ", style=bin_style(i))
+    text.append(f" {hi:.3g}", style="dim")
+    text.append(" p5–p95", style="dim")
+    return text
 
 
 _CONTROL = {i: chr(0x2400 + i) for i in range(0x20)}  # control pictures: ␀ ␁ ...

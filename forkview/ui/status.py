@@ -9,7 +9,7 @@ from textual.widget import Widget
 from textual.widgets import Label
 
 from forkview.analysis.peaks import TUKEY, PeakRule
-from forkview.ui.scale import HIGH_ENTROPY_FRACTION, N_BINS, bin_label, bin_style
+from forkview.ui.scale import HIGH_ENTROPY_FRACTION, append_entropy_scale, append_mi_scale
 
 
 class Legend(Widget):
@@ -67,11 +67,7 @@ class Legend(Widget):
 
     def _entropy_scale(self, text: Text, *, compact: bool) -> None:
         no_color = self.app.no_color
-        text.append("H" if compact else "entropy", style="dim")
-        for i in range(N_BINS):
-            text.append(f"{bin_label(i):>4}", style=bin_style(i))
-        if not no_color and not compact:
-            text.append(" nats", style="dim")
+        append_entropy_scale(text, compact=compact, units=not no_color)
         if self.threshold is not None and not compact:
             pct = round(HIGH_ENTROPY_FRACTION * 100)
             if no_color:
@@ -80,17 +76,11 @@ class Legend(Widget):
                 text.append(f"  top {pct}% ≥ {self.threshold:.2f} (n/N)", style="dim")
 
     def _mi_scale(self, text: Text) -> None:
-        text.append("MI ", style="dim")
         if self.series_label is None or self.mi_range is None:
+            text.append("MI ", style="dim")
             text.append(f"no values on this trace · {self.hint}", style="italic")
             return
-        text.append(self.series_label, style="bold")
-        lo, hi = self.mi_range
-        text.append(f" {lo:.3g} ", style="dim")
-        for i in range(N_BINS):
-            text.append("  ", style=bin_style(i))
-        text.append(f" {hi:.3g}", style="dim")
-        text.append(" p5–p95", style="dim")
+        append_mi_scale(text, self.series_label, *self.mi_range)
         self._peaks(text, marker="", label=False)
 
     def _peaks(self, text: Text, *, marker: str, label: bool = True) -> None:

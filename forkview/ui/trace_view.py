@@ -26,6 +26,7 @@ from textual.strip import Strip
 
 from forkview.ui.scale import (
     EMPTY_MARK,
+    PREFIX_STYLE,
     display_chunks,
     entropy_bin,
     high_entropy_positions,
@@ -33,10 +34,6 @@ from forkview.ui.scale import (
     overlay_style,
 )
 from models.types import TokenStep
-
-# A branch's inherited prefix (the tokens before its fork) is drawn faded: still on
-# its entropy colour, but clearly not the branch's own.
-PREFIX_STYLE = Style(dim=True)
 
 
 @dataclass
