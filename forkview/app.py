@@ -63,13 +63,15 @@ class ForkviewApp(App[None]):
     ]
 
     def __init__(self, store: Store, *, model_spec: str = "default", device: str = "auto",
-                 dtype: str = "auto", params: GenerationParams | None = None,
-                 browse_only: bool = False, lm: LoadedModel | None = None,
+                 dtype: str = "auto", backend: str = "hf",
+                 params: GenerationParams | None = None, browse_only: bool = False,
+                 lm: LoadedModel | None = None,
                  open_trace: int | None = None,
                  mi_estimators: Sequence[str] | None = None) -> None:
         super().__init__()
         self.store = store
         self.model_spec, self.device, self.dtype = model_spec, device, dtype
+        self.backend = backend
         self.params = params or GenerationParams()
         self.browse_only = browse_only
         self.lm = lm
@@ -106,13 +108,13 @@ class ForkviewApp(App[None]):
                          daemon=True).start()
 
     def _load_model_thread(self) -> None:
-        """Runs in a thread: the import of torch and the load happen here. Never touches
+        """Runs in a thread: the import of torch (hf engine) and the load happen here. Never touches
         widgets; post_message is thread-safe."""
         try:
-            from models.loading import load_model
+            from models.engine import load
 
-            lm = load_model(self.model_spec, self.device, self.dtype,
-                            status=lambda text: self.post_message(ModelStatus(text)))
+            lm = load(self.model_spec, self.device, self.dtype, self.backend,
+                      status=lambda text: self.post_message(ModelStatus(text)))
         except ModelError as e:
             self.post_message(ModelFailed(str(e)))
         except Exception as e:  # shown in the app, not as a traceback
@@ -128,8 +130,9 @@ class ForkviewApp(App[None]):
     def _model_loaded(self, message: ModelLoaded) -> None:
         self.lm = message.lm
         self.explorer.model_ready(message.lm)
-        self.notify(f"{message.lm.name} ready on {message.lm.device} "
-                    f"({message.lm.load_seconds:.0f}s)", timeout=3)
+        engine = "" if getattr(message.lm, "backend", "hf") == "hf" else " (llama.cpp)"
+        self.notify(f"{message.lm.name} ready on {message.lm.device}{engine} "
+                    f"({message.lm.load_seconds:.1f}s)", timeout=3)
 
     @on(ModelFailed)
     def _model_failed(self, message: ModelFailed) -> None:
@@ -320,7 +323,7 @@ if sys.platform != "win32":
 
 
 def create_app(*, db_path: str | Path | None = None, model_spec: str = "default",
-               device: str = "auto", dtype: str = "auto",
+               device: str = "auto", dtype: str = "auto", backend: str = "hf",
                params: GenerationParams | None = None, browse_only: bool = False,
                lm: LoadedModel | None = None, open_trace: int | None = None,
                mi_estimators: Sequence[str] | None = None) -> App[None]:
@@ -331,5 +334,6 @@ def create_app(*, db_path: str | Path | None = None, model_spec: str = "default"
     # Browsing never writes: the committed sample database stays byte-identical.
     store = Store.open(db_path, readonly=browse_only)
     return ForkviewApp(store, model_spec=model_spec, device=device, dtype=dtype,
-                       params=params, browse_only=browse_only, lm=lm, open_trace=open_trace,
+                       backend=backend, params=params, browse_only=browse_only, lm=lm,
+                       open_trace=open_trace,
                        mi_estimators=mi_estimators)

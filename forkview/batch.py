@@ -14,8 +14,9 @@ deleted), but a stopped copy is marked `superseded` as its remake starts (meta p
 from it to the remake, `Store.supersede`), so there is always exactly one counted trace
 per (prompt, model, parameters, seed): reports, listings and exports leave superseded
 traces out. MI estimators then run on every complete trace of the batch that has no
-complete run with the same parameters (an interrupted run resumes in
-`forkview.mi.run_estimator`).
+complete run with the same parameters (`forkview.mi.run_many`: an interrupted run
+resumes; a trace an estimator cannot run on, e.g. without a reference answer, is
+skipped with its reason and the batch goes on).
 
 No Textual; torch only inside the functions that generate. Tokens reach the database
 as they are made (store.writer), so Ctrl-C keeps them, marked stopped.
@@ -35,15 +36,11 @@ from forkview.prompt_sets import PromptItem
 from models.errors import ModelError
 from models.types import GenerationParams, TokenStep
 from store import Store
-from store.db import canonical_json, write_section
+from store.db import write_section
 
 if TYPE_CHECKING:
     from models.estimators import Estimator
     from models.loading import LoadedModel
-
-# N samples at T = 0 would be N identical copies: without --temperature, a batch of
-# more than one sample per prompt is drawn at T = 1 (as `forkview fork --sample`).
-SAMPLE_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +76,7 @@ class BatchSummary:
     seconds: float = 0.0  # generating (MI not included)
     mi_runs: int = 0  # estimator runs computed (or finished) now
     mi_skipped: int = 0  # already complete
+    mi_not_run: list[str] = field(default_factory=list)  # skipped or failed, one line each
     superseded: int = 0  # stopped copies marked superseded by this run's traces
     interrupted: bool = False
 
@@ -235,7 +233,8 @@ def run_batch(
     progress = progress or BatchProgress()
     groups = plan_jobs(items, samples, params)
     model_id = model_row_id(store, lm)
-    prompt_ids = _encode_all(lm, items)  # every prompt is checked before any is generated
+    # every prompt is checked before any is generated
+    prompt_ids = _encode_all(lm, items, params)
     done, stopped = _existing_traces(store, model_id)
     summary = BatchSummary()
     results: dict[tuple[str, int], JobResult] = {}
@@ -280,13 +279,16 @@ def run_batch(
     return summary
 
 
-def _encode_all(lm: LoadedModel, items: Sequence[PromptItem]) -> list[list[int]]:
-    from models.generate import encode_prompt
+def _encode_all(lm: LoadedModel, items: Sequence[PromptItem],
+                params: GenerationParams | None = None) -> list[list[int]]:
+    from models.prompting import encode_prompt
 
+    params = params or GenerationParams()
     out = []
     for item in items:
         try:
-            out.append(encode_prompt(lm, item.prompt))
+            out.append(encode_prompt(lm, item.prompt, raw=params.raw, system=params.system,
+                                     enable_thinking=params.enable_thinking))
         except ModelError as e:
             raise ModelError(f"prompt {item.id}: {e}") from e
     return out
@@ -300,8 +302,9 @@ def _grow_prompt(lm: LoadedModel, store: Store, model_id: int, prompt_ids: list[
     """One prompt's missing samples as one batch, saved as they grow; the stopped copies
     of each (`stopped`, by job key) are marked superseded by its new trace. True when
     the batch was cancelled."""
-    from forkview.pipeline import record_answer
-    from models.branch import BranchRequest, grow_branches
+    from forkview.pipeline import record_answer, record_think_span
+    from models.branch_types import BranchRequest
+    from models.engine import grow_branches
 
     item = jobs[0].item
     prompt_row = store.add_prompt(item.prompt, reference_answer=item.answer,
@@ -362,31 +365,33 @@ def _grow_prompt(lm: LoadedModel, store: Store, model_id: int, prompt_ids: list[
             r.status, r.n_tokens = info.status, info.n_tokens
             if info.status == "failed":
                 summary.superseded -= len(store.unsupersede(tid))
-            record_answer(store, tid, info.text, item.answer)
+            record_answer(store, tid, info.text, item.answer, stop_reason=info.stop_reason)
+            record_think_span(store, tid, lm.tokenizer, prompt_ids)
     return any(r.status == "stopped" for r in rows)
 
 
 def _run_mi(lm: LoadedModel, store: Store, model_id: int, summary: BatchSummary,
             estimators: Sequence[Estimator], progress: BatchProgress,
             cancel: threading.Event | None) -> None:
-    from forkview.mi import run_estimator, run_params
+    """The estimators on the batch's complete traces (forkview.mi.run_many): a trace one
+    cannot run on (no reference, say) is skipped with its reason, the rest go on."""
+    from forkview.mi import jobs_for, run_many
 
     tids = [j.trace_id for j in summary.jobs if j.status == "complete" and j.trace_id]
-    work = []
-    for tid in tids:
-        have = {(run.estimator, canonical_json(run.params))
-                for run in store.mi_runs(tid) if run.status == "complete"}
-        for est in estimators:
-            key = canonical_json(run_params(store, tid, est, lm))
-            if (est.name, key) in have:
-                summary.mi_skipped += 1
-            else:
-                work.append((tid, est))
-    progress.start_mi(len(work))
-    for tid, est in work:
-        result = run_estimator(lm, store, tid, est, model_id=model_id, cancel=cancel)
-        summary.mi_runs += 1
-        progress.mi_done(f"trace {tid} {est.name} {result.status}")
-        if cancel is not None and cancel.is_set():
-            summary.interrupted = True
+
+    def ended(o: Any) -> None:
+        if o.status == "done":
+            summary.mi_skipped += 1
             return
+        if o.status in ("complete", "stopped"):
+            summary.mi_runs += 1
+        else:
+            summary.mi_not_run.append(o.line)
+        if o.status != "skipped":
+            progress.mi_done(f"trace {o.job.trace_id} {o.job.estimator.name} {o.label}")
+
+    runs = run_many(lm, store, jobs_for(tids, estimators), model_id=model_id,
+                    own_model=True, cancel=cancel, on_start=progress.start_mi,
+                    on_outcome=ended)
+    if runs.interrupted:
+        summary.interrupted = True

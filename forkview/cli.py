@@ -92,6 +92,17 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _backend_option(g)
+
+
+def _backend_option(p: Any) -> None:
+    from models.engine import BACKENDS
+
+    p.add_argument("--backend", default=os.environ.get("FORKVIEW_BACKEND", "hf"),
+                   choices=BACKENDS,
+                   help="engine: hf (transformers, every estimator) or llama.cpp (GGUF files "
+                   "on the CPU, the `llama` extra; estimators needing hidden states load "
+                   "the same file on transformers) (env FORKVIEW_BACKEND)")
 
 
 def _explorer_options(p: argparse.ArgumentParser) -> None:
@@ -110,6 +121,7 @@ def _trace_model_options(p: argparse.ArgumentParser, help_: str) -> None:
     p.add_argument("--model", dest="trace_model", default=None, metavar="SPEC", help=help_)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _backend_option(p)
 
 
 def _db_option(p: argparse.ArgumentParser) -> None:
@@ -134,6 +146,22 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
                    help="top-k alternatives recorded per token (default 10)")
     g.add_argument("--raw", action="store_true",
                    help="send the prompt as plain text, without the chat template")
+    _template_options(g)
+
+
+def _template_options(g: Any) -> None:
+    """--system / --enable-thinking: what the chat template is given besides the prompt
+    (models.prompting.chat_messages, template_kwargs); stored with each trace."""
+    g.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system message before the prompt (chat template)")
+    g.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="pass enable_thinking=true (or false) to the chat template, for "
+                   "templates that take it (Qwen3-style); default: not passed")
+
+
+def _check_template_options(args: argparse.Namespace) -> None:
+    if args.raw and args.system is not None:
+        raise UsageError("--system needs the chat template (leave out --raw)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch a language model reason token by token: entropy per token, "
         "kept in SQLite. Without a command, opens the explorer.",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    from models.types import SAMPLE_TEMPERATURE, forkview_version
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {forkview_version()}")
     _explorer_options(p)
     _generation_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -258,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "other than the one the trace took")
     what.add_argument("--sample", type=_positive_int, metavar="N",
                       help=f"N continuations sampled in one batch (default temperature "
-                      f"{1.0:g} when the trace was greedy)")
+                      f"{SAMPLE_TEMPERATURE:g} when the trace was greedy)")
     f.add_argument("--keep-token", action="store_true",
                    help="with --sample: keep the trace's token at P (default: draw it anew)")
     f.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N",
@@ -335,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "else the file's stem)")
     im.add_argument("--raw", action="store_true",
                     help="encode text prompts without the chat template")
+    _template_options(im)
     im.add_argument("--batch", type=_positive_int, default=8, metavar="N",
                     help="traces per forward pass (default 8)")
     im.add_argument("--alternatives", type=_non_negative_int, default=10, metavar="K",
@@ -354,6 +385,22 @@ def build_parser() -> argparse.ArgumentParser:
     from forkview.report_cmd import add_arguments as _report_arguments  # argparse only
 
     _report_arguments(rep)
+
+    fg = sub.add_parser("figure", help="one trace as an SVG figure, its tokens coloured as "
+                        "in the explorer (by entropy, or by an MI estimator)")
+    _db_option(fg)
+    fg.add_argument("--trace", type=int, required=True, metavar="ID")
+    fg.add_argument("--by", choices=["entropy", "mi"], default="entropy",
+                    help="colour by entropy (absolute scale, nats; default) or by the "
+                    "latest complete MI run of --estimator (per-trace scale, peaks marked)")
+    fg.add_argument("--estimator", default=None, metavar="NAME",
+                    help="with --by mi: the estimator (default: the trace's only one)")
+    fg.add_argument("--width", type=_int_at_least(40), default=100, metavar="COLS",
+                    help="text width in columns (default 100)")
+    fg.add_argument("--theme", choices=["light", "dark"], default="light",
+                    help="background (default light)")
+    fg.add_argument("-o", "--output", metavar="FILE.svg",
+                    help="write here instead of stdout")
 
     sv = sub.add_parser("serve", help="serve the explorer (or the browser) in a web browser; "
                         "for SSH: ssh -L 8000:127.0.0.1:8000 HOST, then open "
@@ -386,18 +433,10 @@ def _port(text: str) -> int:
     return port
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("forkview")
-    except Exception:
-        return "0+unknown"
-
-
 def _params(args: argparse.Namespace) -> GenerationParams:
     from models.types import GenerationParams
 
+    _check_template_options(args)
     return GenerationParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -407,6 +446,8 @@ def _params(args: argparse.Namespace) -> GenerationParams:
         stop=tuple(args.stop),
         top_alternatives=args.alternatives,
         raw=args.raw,
+        system=args.system,
+        enable_thinking=args.enable_thinking,
     )
 
 
@@ -442,10 +483,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     estimators = _estimators([n for n in args.mi.split(",") if n.strip()], [])
     store = Store.open(args.db)  # fail on a bad database before spending time on the model
     from forkview.pipeline import annotate_prompt
-    from models.loading import load_model
+    from models.engine import load as load_model
 
     quiet = args.json or not sys.stderr.isatty()
-    lm = load_model(args.model, args.device, args.dtype, status=None if quiet else _status)
+    lm = load_model(args.model, args.device, args.dtype, args.backend,
+                    status=None if quiet else _status)
     started: list[int] = []
     show = _token_printer() if not quiet else None
     try:
@@ -464,14 +506,19 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if show is not None:
         print(file=sys.stderr)
     mi: dict[str, dict[int, float | None]] = {}
+    failed = False
     if estimators:
-        from forkview.mi import run_estimator
-        from forkview.pipeline import model_row_id
+        from forkview.mi import jobs_for, run_many
 
-        for est in estimators:
-            if not quiet:
-                _status(f"computing {est.name}...")
-            run_estimator(lm, store, result.trace_id, est, model_id=model_row_id(store, lm))
+        def outcome(o: Any) -> None:
+            if o.status in ("skipped", "failed"):
+                _status(o.line)
+
+        runs = run_many(lm, store, jobs_for([result.trace_id], estimators), own_model=True,
+                        on_run=None if quiet else
+                        lambda job, _step, _steps: _status(f"computing {job.estimator.name}..."),
+                        on_outcome=outcome)
+        failed = bool(runs.count("failed"))
         mi = store.latest_mi(result.trace_id)
     if args.json:
         info = store.trace(result.trace_id)
@@ -496,7 +543,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(result.trace_id)
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_annotate_batch(args: argparse.Namespace) -> int:
@@ -514,7 +561,9 @@ def cmd_annotate_batch(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.temperature is None:
-        args.temperature = batch.SAMPLE_TEMPERATURE if args.samples > 1 else 0.0
+        from models.types import SAMPLE_TEMPERATURE
+
+        args.temperature = SAMPLE_TEMPERATURE if args.samples > 1 else 0.0
     params = _params(args)
     from models.errors import ModelError
 
@@ -524,10 +573,11 @@ def cmd_annotate_batch(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     estimators = _estimators([n for n in args.mi.split(",") if n.strip()], [])
     store = Store.open(args.db)
-    from models.loading import load_model
+    from models.engine import load as load_model
 
     quiet = args.json or not sys.stderr.isatty()
-    lm = load_model(args.model, args.device, args.dtype, status=None if quiet else _status)
+    lm = load_model(args.model, args.device, args.dtype, args.backend,
+                    status=None if quiet else _status)
     try:
         summary = batch.run_batch(lm, store, items, params, samples=args.samples,
                                   estimators=estimators,
@@ -541,6 +591,8 @@ def cmd_annotate_batch(args: argparse.Namespace) -> int:
             print(json.dumps(asdict(job), ensure_ascii=False))
         else:
             print(job.trace_id)
+    for line in summary.mi_not_run:
+        _status(line)
     stopped = f", {summary.stopped} of them stopped" if summary.stopped else ""
     replaced = (f"; {summary.superseded} stopped cop{'ies' if summary.superseded != 1 else 'y'}"
                 " marked superseded" if summary.superseded else "")
@@ -549,6 +601,7 @@ def cmd_annotate_batch(args: argparse.Namespace) -> int:
             f"{summary.skipped} already complete{replaced}; "
             f"MI runs: {summary.mi_runs} computed, "
             f"{summary.mi_skipped} already complete"
+            + (f", {len(summary.mi_not_run)} not run" if summary.mi_not_run else "")
             + ("; interrupted: re-run the same command to finish"
                if summary.interrupted else ""))
     return 130 if summary.interrupted else 0
@@ -627,32 +680,48 @@ def cmd_mi(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         else:
             draws[info.id] = draw
-    if categories:
-        infos = [info for info in infos if info.id in draws]
-        if not infos:
-            store.close()
-            return 1
+    from forkview.mi import MIJob, cannot_run
+
+    jobs = []
+    for info in infos:
+        draw = draws.get(info.id)
+        if categories and draw is None:
+            continue
+        job = MIJob(info.id, est, args.positions)
+        if draw is not None:
+            job = MIJob(info.id, est, draw.positions,
+                        extra_params={"categories": draw.params()},
+                        position_details={p: {"category": c}
+                                          for p, c in draw.categories.items()})
+        why = cannot_run(store, job, control=args.control)
+        if why is not None:  # said before any model is loaded; the others go on
+            print(f"{PROG}: trace {info.id}: {est.name} cannot run: {why}; skipped",
+                  file=sys.stderr)
+            continue
+        jobs.append(job)
+    if not jobs:
+        store.close()
+        return 1
     # Traces whose run is already complete need no model: with nothing left to compute
     # the command returns at once, without importing torch.
     if args.trace_model is None:
         from forkview.mi import already_done
 
-        todo = [info for info in infos if not already_done(
-            store, info.id, est, draws[info.id].positions if info.id in draws
-            else args.positions, control=args.control,
-            extra_params={"categories": draws[info.id].params()} if info.id in draws
-            else None)]
-        if len(todo) < len(infos):
-            print(f"{PROG}: {len(infos) - len(todo)} of {len(infos)} trace(s) already have "
+        todo = [job for job in jobs if not already_done(
+            store, job.trace_id, est, job.positions, control=args.control,
+            extra_params=job.extra_params)]
+        if len(todo) < len(jobs):
+            print(f"{PROG}: {len(jobs) - len(todo)} of {len(jobs)} trace(s) already have "
                   f"a complete {est.name} run with these parameters"
                   + ("; nothing left to compute" if not todo else ""), file=sys.stderr)
-        infos = todo
+        jobs = todo
+    spec_of = {job.trace_id: args.trace_model or store.trace(job.trace_id).model_spec
+               for job in jobs}
     store.close()
-    if not infos:
+    if not jobs:
         return 0
-    from forkview.mi import run_estimator
-    from forkview.pipeline import model_row_id
-    from models.loading import load_model
+    from forkview.mi import run_many
+    from models.engine import load as load_model
 
     budget = None
     if args.budget_tokens is not None:
@@ -661,40 +730,42 @@ def cmd_mi(args: argparse.Namespace) -> int:
         budget = TokenBudget(args.budget_tokens)
     store = Store.open(args.db)
     by_spec: dict[str, list[Any]] = {}
-    for info in infos:
-        by_spec.setdefault(args.trace_model or info.model_spec, []).append(info)
+    for job in jobs:
+        by_spec.setdefault(spec_of[job.trace_id], []).append(job)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    failed = 0
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeRemainingColumn(), transient=False,
                   console=_stderr_console()) as bar:
+        tasks: dict[int, Any] = {}
+
+        def started(job: Any, _step: int, _steps: int) -> None:
+            tasks[job.trace_id] = bar.add_task(f"trace {job.trace_id} {est.name}", total=None)
+
+        def progressed(job: Any, done: int, total: int) -> None:
+            bar.update(tasks[job.trace_id], completed=done, total=total)
+
+        def ended(o: Any) -> None:
+            if o.summary is not None:
+                bar.update(tasks[o.job.trace_id], description=f"trace {o.job.trace_id} "
+                           f"{est.name} run {o.summary.run_id} {o.summary.status}")
+            elif o.status != "done":
+                bar.console.print(f"{PROG}: {o.line}", markup=False, highlight=False,
+                                  soft_wrap=True)
+
         for spec, group in by_spec.items():
             if budget is not None and budget.exhausted:
                 break
-            lm = load_model(spec, args.device, args.dtype)
-            model_id = model_row_id(store, lm)
-            for info in group:
-                draw = draws.get(info.id)
-                task = bar.add_task(f"trace {info.id} {est.name}", total=None)
-                summary = run_estimator(
-                    lm, store, info.id, est,
-                    draw.positions if draw is not None else args.positions,
-                    model_id=model_id, control=args.control, budget=budget,
-                    extra_params={"categories": draw.params()} if draw is not None else None,
-                    position_details=({p: {"category": c} for p, c in draw.categories.items()}
-                                      if draw is not None else None),
-                    progress=lambda done, total, task=task: bar.update(
-                        task, completed=done, total=total),
-                )
-                bar.update(task, description=f"trace {info.id} {est.name} "
-                           f"run {summary.run_id} {summary.status}")
-                if budget is not None and budget.exhausted:
-                    break
+            lm = load_model(spec, args.device, args.dtype, args.backend)
+            runs = run_many(lm, store, group, control=args.control, budget=budget,
+                            on_run=started, on_progress=progressed, on_outcome=ended)
+            failed += runs.count("failed")
     if budget is not None and budget.exhausted:
         print(f"{PROG}: token budget reached: {budget.positions} positions done, "
               f"{budget.spent:,} of {budget.limit:,} continuation tokens spent; stopped "
               "(run the same command again to continue)", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 def _category_rule(args: argparse.Namespace, estimator: str) -> Any:
@@ -867,6 +938,7 @@ def _branch_json(store: Any, trace_id: int, lm: Any) -> dict[str, Any]:
 
 def cmd_fork(args: argparse.Namespace) -> int:
     from forkview import forks
+    from models.answers import is_cut_off
     from store import Store
 
     if args.keep_token and args.sample is None:
@@ -878,11 +950,11 @@ def cmd_fork(args: argparse.Namespace) -> int:
     source = forks.load_source(store, args.trace)
     forks.check_position(source, args.position)
     store.close()
-    from models.loading import load_model
+    from models.engine import load as load_model
 
     quiet = args.json or not sys.stderr.isatty()
     lm = load_model(args.trace_model or source.info.model_spec, args.device, args.dtype,
-                    status=None if quiet else _status)
+                    args.backend, status=None if quiet else _status)
     store = Store.open(args.db)
     forks.check_tokenizer(store, source, lm)
     params = forks.branch_params(source, max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -920,6 +992,8 @@ def cmd_fork(args: argparse.Namespace) -> int:
             print(r.trace_id)
             if not quiet:
                 mark = {True: "correct", False: "wrong", None: "-"}[r.correct]
+                if r.answer is None and is_cut_off(r.output.stop_reason):
+                    mark = "cut off"
                 _status(f"  branch {r.trace_id}: {b.label}, {len(r.output.steps)} tokens, "
                         f"{r.output.stop_reason}, answer {r.answer!r} ({mark})")
     return 0
@@ -927,8 +1001,12 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
 def _tree_lines(node: dict[str, Any], show_rollouts: bool, prefix: str = "",
                 last: bool = True, top: bool = True) -> list[str]:
+    from models.answers import is_cut_off
+
     mark = {True: "✓", False: "✗", None: ""}[node["correct"]]
     answer = f"answer {node['answer']!r}{mark}" if node["answer"] is not None else "no answer"
+    if node["answer"] is None and is_cut_off(node.get("stop_reason")):
+        answer = "no answer (cut off)"  # models.answers.accept_answer: never scored
     if top:
         head = f"#{node['trace_id']} {node['origin']} {node['status']}"
     else:
@@ -982,11 +1060,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     store = Store.open(args.db, readonly=True)
     info = store.trace(args.trace)
     forks.check_replayable(info)
-    from models.loading import load_model
+    from models.engine import load as load_model
 
     quiet = args.json or not sys.stderr.isatty()
     lm = load_model(args.trace_model or info.model_spec, args.device, args.dtype,
-                    status=None if quiet else _status)
+                    args.backend, status=None if quiet else _status)
     result = forks.replay(lm, store, args.trace)
     if args.json:
         out = {k: getattr(result, k) for k in (
@@ -1022,10 +1100,11 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     if not infos:
         raise UsageError("no traces to rescore")
     store.close()
-    from models.loading import load_model
+    from models.engine import load as load_model
 
     quiet = args.json or not sys.stderr.isatty()
-    lm = load_model(args.model, args.device, args.dtype, status=None if quiet else _status)
+    lm = load_model(args.model, args.device, args.dtype, args.backend,
+                    status=None if quiet else _status)
     store = Store.open(args.db)
     infos = [store.trace(t.id) for t in infos]
     rescore.check_tokenizers(store, infos, lm)
@@ -1056,15 +1135,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     from store import Store
 
     estimators = _estimators([n for n in args.mi.split(",") if n.strip()], [])
+    _check_template_options(args)
     try:
         path = importer.check_source(args.file)
     except ValueError as e:
         raise UsageError(str(e)) from None
     store = Store.open(args.db)  # a bad database fails before the model loads
-    from models.loading import load_model
+    from models.engine import load as load_model
 
     quiet = not sys.stderr.isatty()
-    lm = load_model(args.model, args.device, args.dtype, status=None if quiet else _status)
+    lm = load_model(args.model, args.device, args.dtype, args.backend,
+                    status=None if quiet else _status)
     fields = importer.ImportFields(args.prompt_field, args.response_field, args.answer_field,
                                    args.id_field)
 
@@ -1080,6 +1161,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     summary = importer.import_file(
         lm, store, path, fields=fields, set_name=args.set_name, raw=args.raw,
+        system=args.system, enable_thinking=args.enable_thinking,
         batch=args.batch, alternatives=args.alternatives, estimators=estimators,
         on_skip=skipped, on_trace=imported, on_mi=mi_done)
     dup = f", {summary.duplicates} of them already imported" if summary.duplicates else ""
@@ -1127,13 +1209,16 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from models.loading import resolve_spec
 
     resolve_spec(args.model)  # a path that doesn't exist fails here, before the TUI opens
+    from models.engine import check_backend
+
+    check_backend(args.backend)  # likewise the llama.cpp extra when it is missing
     names = [] if args.mi.strip() in ("", "none") else args.mi.split(",")
     mi_names = [e.name for e in _estimators(names, [])]  # unknown names fail here too
     from forkview.app import create_app
 
     app = create_app(
         db_path=args.db or default_db_path(), model_spec=args.model, device=args.device,
-        dtype=args.dtype, params=_params(args), mi_estimators=mi_names,
+        dtype=args.dtype, backend=args.backend, params=_params(args), mi_estimators=mi_names,
     )
     return _run_tui(app)
 
@@ -1186,6 +1271,28 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_figure(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from forkview.trace_figure import FigureError, render_svg
+    from store import Store
+
+    if args.output and Path(args.output).suffix.lower() not in ("", ".svg"):
+        raise UsageError(f"-o {args.output}: the figure is SVG (FILE.svg); for PDF convert "
+                         "it, e.g. rsvg-convert -f pdf -o FILE.pdf FILE.svg")
+    store = Store.open(args.db, readonly=True)
+    try:
+        svg = render_svg(store, args.trace, by=args.by, estimator=args.estimator,
+                         width=args.width, theme=args.theme)
+    except FigureError as e:
+        raise UsageError(str(e)) from None
+    if args.output:
+        Path(args.output).write_text(svg, encoding="utf-8")
+    else:
+        sys.stdout.write(svg)
+    return 0
+
+
 def serve_command(args: argparse.Namespace) -> list[str]:
     """The command textual-serve runs for each browser session: `forkview` (or
     `forkview browse`) with the options `serve` was given, run by this interpreter
@@ -1196,7 +1303,8 @@ def serve_command(args: argparse.Namespace) -> list[str]:
         return [*cmd, "browse", *db]
     # --flag=value: a value starting with '-' (a stop text, an empty --mi) stays a value.
     cmd += [f"--mi={args.mi}", f"--model={args.model}", f"--device={args.device}",
-            f"--dtype={args.dtype}", f"--max-new-tokens={args.max_new_tokens}",
+            f"--dtype={args.dtype}", f"--backend={args.backend}",
+            f"--max-new-tokens={args.max_new_tokens}",
             f"--temperature={args.temperature!r}", f"--top-p={args.top_p!r}",
             f"--top-k={args.top_k}", f"--alternatives={args.alternatives}"]
     if args.seed is not None:
@@ -1204,6 +1312,10 @@ def serve_command(args: argparse.Namespace) -> list[str]:
     cmd += [f"--stop={text}" for text in args.stop]
     if args.raw:
         cmd.append("--raw")
+    if args.system is not None:
+        cmd.append(f"--system={args.system}")
+    if args.enable_thinking is not None:
+        cmd.append("--enable-thinking" if args.enable_thinking else "--no-enable-thinking")
     return cmd + db
 
 
@@ -1223,6 +1335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         resolve_spec(args.model)
         names = [] if args.mi.strip() in ("", "none") else args.mi.split(",")
         _estimators(names, [])
+        _check_template_options(args)
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -1266,6 +1379,7 @@ COMMANDS = {
     "import": cmd_import,
     "merge": cmd_merge,
     "report": cmd_report,
+    "figure": cmd_figure,
     "serve": cmd_serve,
     "completion": cmd_completion,
     "db-path": cmd_db_path,

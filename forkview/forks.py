@@ -17,17 +17,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from models.types import GenerationParams, TokenStep
+from models.types import SAMPLE_TEMPERATURE, GenerationParams, TokenStep
 from store import Store, StoreError, TraceInfo
 
 if TYPE_CHECKING:
-    from models.branch import BranchOutput, PrefixCache
+    from models.branch import PrefixCache
+    from models.branch_types import BranchOutput
     from models.loading import LoadedModel
 
 DEFAULT_SAMPLES = 8
-# Sampling N continuations from a greedy trace would give N copies: they are drawn at
-# T = 1 unless a temperature is given.
-SAMPLE_TEMPERATURE = 1.0
 
 
 class ForkError(Exception):
@@ -176,7 +174,7 @@ def plan_samples(source: ForkSource, position: int, n: int, keep_token: bool,
     """N continuations from `position`, each with its own seed (params.seed + i when a
     seed is given, else fresh ones): keeping the trace's token at `position` or drawing
     it anew."""
-    from models.generate import resolve_seed
+    from models.decoding import resolve_seed
 
     check_position(source, position)
     if n < 1:
@@ -208,9 +206,10 @@ def grow(
     step)`` per token. Interrupted (``cancel`` or Ctrl-C): every branch keeps its tokens,
     marked stopped."""
     from forkview.pipeline import model_row_id, record_answer
-    from models.branch import BranchRequest, grow_branches
+    from models.branch_types import BranchRequest
+    from models.decoding import resolve_seed
+    from models.engine import grow_branches
     from models.errors import ModelError
-    from models.generate import resolve_seed
 
     check_position(source, position)
     check_tokenizer(store, source, lm)
@@ -251,7 +250,8 @@ def grow(
     head = "".join(s.text for s in source.steps[:position])
     for r in results:
         r.answer, r.correct = record_answer(store, r.trace_id, head + r.output.text,
-                                            source.info.reference_answer)
+                                            source.info.reference_answer,
+                                            stop_reason=r.output.stop_reason)
     return results
 
 
@@ -271,8 +271,8 @@ def replay(lm: LoadedModel, store: Store, trace_id: int,
            cancel: threading.Event | None = None) -> ReplayResult:
     """Regenerate a trace from its stored provenance (prompt ids, parent prefix, forced
     ids, parameters, seed) and compare token for token with what is stored."""
-    from models.branch import BranchRequest, grow_branches
-    from models.generate import stream_annotated
+    from models.branch_types import BranchRequest
+    from models.engine import grow_branches, stream_annotated
 
     info = store.trace(trace_id)
     check_replayable(info)

@@ -4,10 +4,12 @@ A JSONL (one object per line) or Parquet file holds one trace per line or row:
 
 - the prompt: `prompt` (text; also `question`, `problem`) or `messages` (a chat list of
   {"role", "content"}), or the field `--prompt-field` names (text or a chat list). Text is
-  encoded exactly as `forkview annotate` encodes a prompt (models.generate.encode_prompt:
-  the chat template unless --raw); a chat list goes through the model's chat template
-  with the generation prompt added. A chat list whose last message is the assistant's
-  and no response field: that message is the response.
+  encoded exactly as `forkview annotate` encodes a prompt (models.prompting.encode_prompt:
+  the chat template unless --raw, with --system and --enable-thinking); a chat list goes
+  through the model's chat template with the generation prompt added (--system put first
+  when the list has no system message; --enable-thinking passed to the template). A chat
+  list whose last message is the assistant's and no response field: that message is the
+  response.
 - the response: its token ids (`response_ids`, `token_ids`), taken as given, or its text
   (`response`, `completion`), tokenised with the model's tokenizer without special tokens
   (ids win when a row has both); `--response-field` names another field, text or ids.
@@ -23,7 +25,8 @@ right-padded so that no real token sees a pad): per token the full-vocabulary en
 T = 1, log-prob, rank and top-k alternatives, computed by the function generation uses
 (models.generate._annotate) from the logits before the token, so position t holds what
 generation would have recorded for token t. Traces are stored with origin `import`,
-status complete, stop_reason "import", their answer extracted as for generated traces.
+status complete, stop_reason "import", their answer extracted as for generated traces
+and their thinking span found as for generated traces (models/thinking.py).
 
 Provenance: meta row `import:<trace uid>` = JSON {"file": absolute path, "line" (JSONL)
 or "row" (Parquet), "sha256": of the line's bytes without its line ending (of the row's
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forkview.prompt_sets import ANSWER_FIELDS, ID_FIELDS, PROMPT_FIELDS, split_reference
+from models.errors import one_line
 from models.types import GenerationParams, TokenStep
 from store import Store
 
@@ -120,7 +124,7 @@ class ImportSummary:
     skipped: list[Skipped] = field(default_factory=list)
     tokens: int = 0
     mi_runs: int = 0
-    mi_failed: int = 0
+    mi_failed: int = 0  # estimator runs that could not run (skipped) or failed
     interrupted: bool = False
 
     @property
@@ -180,7 +184,7 @@ def _parquet_rows(p: Path) -> Iterator[SourceRow]:
     try:
         pf = pq.ParquetFile(p)
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{p}: not a readable Parquet file ({_one_line(e)})") from None
+        raise ValueError(f"{p}: not a readable Parquet file ({one_line(e)})") from None
     n = 0
     for batch in pf.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
@@ -252,15 +256,20 @@ def _number(row: dict[str, Any], key: str, kind: type, lo: float, hi: float) -> 
     return kind(value)
 
 
-def encode_messages(lm: LoadedModel, messages: list[dict[str, str]]) -> list[int]:
+def encode_messages(lm: LoadedModel, messages: list[dict[str, str]], *,
+                    system: str | None = None,
+                    enable_thinking: bool | None = None) -> list[int]:
     """Token ids of a chat list through the model's chat template, the generation
-    prompt added: what encode_prompt does for one user message."""
+    prompt added: what encode_prompt does for one user message, with the same
+    `system` (put first only when the list has no system message) and
+    `enable_thinking` settings (models.generate.with_system, template_kwargs)."""
+    from models.prompting import apply_template, with_system
+
     tok = lm.tokenizer
     if not getattr(tok, "chat_template", None):
         raise LineError("a chat list needs a chat template and this model's tokenizer "
                         "has none (give the prompt as text)")
-    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = [int(i) for i in (out["input_ids"] if not isinstance(out, list) else out)]
+    ids = apply_template(tok, with_system(messages, system), enable_thinking)
     if lm.context_length and len(ids) >= lm.context_length:
         raise LineError(f"the prompt is {len(ids)} tokens but the model's context is "
                         f"{lm.context_length} tokens")
@@ -269,6 +278,8 @@ def encode_messages(lm: LoadedModel, messages: list[dict[str, str]]) -> list[int
 
 def vocab_size(lm: LoadedModel) -> int:
     """Rows of the model's logits: the ids a response may hold."""
+    if getattr(lm, "backend", "hf") == "llama.cpp":
+        return int(lm.model.n_vocab())
     emb = lm.model.get_output_embeddings()
     if emb is not None and getattr(emb, "weight", None) is not None:
         return int(emb.weight.shape[0])
@@ -277,10 +288,11 @@ def vocab_size(lm: LoadedModel) -> int:
 
 def parse_row(lm: LoadedModel, src: SourceRow, fields: ImportFields, *, stem: str,
               set_name: str | None = None, raw: bool = False, alternatives: int = 10,
-              vocab: int | None = None) -> ImportItem:
+              vocab: int | None = None, system: str | None = None,
+              enable_thinking: bool | None = None) -> ImportItem:
     """One line understood and tokenised; LineError with the reason when it cannot be."""
     from models.errors import ModelError
-    from models.generate import encode_prompt
+    from models.prompting import encode_prompt
 
     if src.error is not None:
         raise LineError(src.error)
@@ -302,7 +314,10 @@ def parse_row(lm: LoadedModel, src: SourceRow, fields: ImportFields, *, stem: st
         if rkey is None and messages[-1]["role"] == "assistant" and len(messages) > 1:
             response_value, rkey = messages[-1]["content"], f"{pkey}[-1]"
             messages = messages[:-1]
-        prompt_ids = encode_messages(lm, messages)
+        prompt_ids = encode_messages(lm, messages, system=system,
+                                     enable_thinking=enable_thinking)
+        if any(m["role"] == "system" for m in messages):
+            system = None  # the list's own system message was used, not --system
         single = len(messages) == 1 and messages[0]["role"] == "user"
         prompt_text = (messages[0]["content"] if single
                        else json.dumps(messages, ensure_ascii=False))
@@ -314,7 +329,8 @@ def parse_row(lm: LoadedModel, src: SourceRow, fields: ImportFields, *, stem: st
         if not prompt_text.strip():
             raise LineError(f"empty prompt ('{pkey}')")
         try:
-            prompt_ids = encode_prompt(lm, prompt_text, raw=raw)
+            prompt_ids = encode_prompt(lm, prompt_text, raw=raw, system=system,
+                                       enable_thinking=enable_thinking)
         except ModelError as e:
             raise LineError(str(e)) from None
     if rkey is None:
@@ -357,7 +373,8 @@ def parse_row(lm: LoadedModel, src: SourceRow, fields: ImportFields, *, stem: st
         max_new_tokens=len(response_ids),
         temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
         top_p=1.0 if top_p is None else top_p, top_k=top_k or 0, seed=seed,
-        top_alternatives=alternatives, raw=raw)
+        top_alternatives=alternatives, raw=raw, system=system,
+        enable_thinking=enable_thinking)
     return ImportItem(
         source=src, prompt_text=prompt_text, prompt_ids=prompt_ids,
         response_ids=response_ids, params=params, answer=answer, solution=solution or None,
@@ -374,15 +391,24 @@ def score_batch(lm: LoadedModel, items: Sequence[ImportItem]) -> list[list[Token
     right-padded to the longest, so a real token never attends to padding and keeps its
     positions; the logits of each row's response positions go through the very
     function generation and score_tokens use (`_annotate`), pieces and alternatives
-    through the same detokenizer and text cache.
+    through the same detokenizer and text cache. On the llama.cpp engine, each item is
+    scored by that engine's own teacher-forced pass.
     """
+    if not items:
+        return []
+    from models.engine import backend_of
+
+    if backend_of(lm) == "llama.cpp":
+        from models.engine import score_tokens as engine_score
+
+        return [engine_score(lm, it.prompt_ids, it.response_ids, it.params) for it in items]
     import torch
 
     from models.generate import (
         Detokenizer,
+        TopTextCache,
         _annotate,
         _top_list,
-        _TopTextCache,
         score_tokens,
     )
 
@@ -410,7 +436,7 @@ def score_batch(lm: LoadedModel, items: Sequence[ImportItem]) -> list[list[Token
     with torch.inference_mode():
         out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                     logits_to_keep=width - first)
-        texts = _TopTextCache(lm.tokenizer)
+        texts = TopTextCache(lm.tokenizer)
         results = []
         for b, it in enumerate(items):
             start = len(it.prompt_ids) - 1 - first
@@ -434,9 +460,11 @@ def score_batch(lm: LoadedModel, items: Sequence[ImportItem]) -> list[list[Token
 
 # ---------------------------------------------------------------------- storing
 def store_item(store: Store, model_id: int, item: ImportItem, steps: Sequence[TokenStep],
-               path: Path, fmt: str) -> int:
-    """One scored item as a complete trace with origin `import` and its provenance."""
-    from forkview.pipeline import record_answer
+               path: Path, fmt: str, tokenizer: Any = None) -> int:
+    """One scored item as a complete trace with origin `import` and its provenance, and
+    its thinking span (the rendered prompt decoded with `tokenizer` tells whether the
+    prompt opened the thinking part; without one, the response alone does)."""
+    from forkview.pipeline import record_answer, record_think_span
     from store.db import now_iso
 
     prompt_id = store.add_prompt(item.prompt_text, reference_answer=item.answer,
@@ -455,7 +483,9 @@ def store_item(store: Store, model_id: int, item: ImportItem, steps: Sequence[To
     with store.writer(tid, flush_every=len(steps) + 1, flush_seconds=math.inf) as w:
         w.add_all(steps)
         w.finish("complete", STOP_REASON)
-    record_answer(store, tid, "".join(s.text for s in steps), item.answer)
+    record_answer(store, tid, "".join(s.text for s in steps), item.answer,
+                  stop_reason=STOP_REASON)
+    record_think_span(store, tid, tokenizer, item.prompt_ids, [s.text for s in steps])
     return tid
 
 
@@ -467,6 +497,8 @@ def import_file(
     fields: ImportFields | None = None,
     set_name: str | None = None,
     raw: bool = False,
+    system: str | None = None,
+    enable_thinking: bool | None = None,
     batch: int = 8,
     alternatives: int = 10,
     estimators: Sequence[Estimator] = (),
@@ -477,11 +509,10 @@ def import_file(
 ) -> ImportSummary:
     """Import every good line of the file (see the module docstring); `batch` traces
     share a forward pass. Then, with `estimators`, each runs on each imported trace
-    (forkview.mi.run_estimator; a failure is reported through `on_mi` and the rest go
-    on). Ctrl-C stops cleanly: what is stored stays, `interrupted` is set."""
-    from forkview.mi import run_estimator
+    (forkview.mi.run_many; one that cannot run or fails is reported through `on_mi` and
+    the rest go on). Ctrl-C stops cleanly: what is stored stays, `interrupted` is set."""
+    from forkview.mi import MIOutcome, jobs_for, run_many
     from forkview.pipeline import model_row_id
-    from models.errors import ModelError
 
     fields = fields or ImportFields()
     p = check_source(path)
@@ -501,7 +532,7 @@ def import_file(
         if not pending:
             return
         for item, steps in zip(pending, score_batch(lm, pending), strict=True):
-            tid = store_item(store, model_id, item, steps, p, fmt)
+            tid = store_item(store, model_id, item, steps, p, fmt, lm.tokenizer)
             summary.imported.append(tid)
             summary.tokens += len(steps)
             if on_trace:
@@ -522,7 +553,8 @@ def import_file(
                 continue
             try:
                 item = parse_row(lm, src, fields, stem=p.stem, set_name=set_name, raw=raw,
-                                 alternatives=alternatives, vocab=vocab)
+                                 alternatives=alternatives, vocab=vocab, system=system,
+                                 enable_thinking=enable_thinking)
             except LineError as e:
                 skip(src, str(e))
                 continue
@@ -534,26 +566,20 @@ def import_file(
     except KeyboardInterrupt:
         summary.interrupted = True
         return summary
-    for tid in summary.imported:
-        for est in estimators:
-            if cancel is not None and cancel.is_set():
-                summary.interrupted = True
-                return summary
-            try:
-                run = run_estimator(lm, store, tid, est, model_id=model_id, cancel=cancel)
-            except KeyboardInterrupt:
-                summary.interrupted = True
-                return summary
-            except ModelError as e:  # one estimator on one trace: reported, the rest go on
-                summary.mi_failed += 1
-                if on_mi:
-                    on_mi(tid, est.name, f"failed ({_one_line(e)})")
-                continue
+    def mi_done(o: MIOutcome) -> None:
+        # one estimator on one trace that cannot run or fails: reported, the rest go on
+        if o.status in ("complete", "stopped"):
             summary.mi_runs += 1
-            if on_mi:
-                on_mi(tid, est.name, run.status)
+        elif o.status in ("skipped", "failed"):
+            summary.mi_failed += 1
+        if on_mi:
+            on_mi(o.job.trace_id, o.job.estimator.name, o.label)
+
+    try:
+        runs = run_many(lm, store, jobs_for(summary.imported, estimators), model_id=model_id,
+                        own_model=True, cancel=cancel, on_outcome=mi_done)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        return summary
+    summary.interrupted = runs.interrupted
     return summary
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -17,6 +17,7 @@ from typing import Any
 FORMATS = ("md", "html", "json", "csv", "latex")
 PEAK_RULES = ("tukey", "topk", "topr")
 DEFAULT_PEAK_PARAM = {"tukey": 1.5, "topk": 20, "topr": 0.2}
+SPANS = ("all", "think", "answer")  # forkview.analysis.report.SPANS (not imported: cheap)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the bootstrap and the null (default 0)")
     p.add_argument("--branches", action="store_true",
                    help="also forks, samples and rollout continuations (default: roots only)")
+    p.add_argument("--span", choices=SPANS, default="all",
+                   help="which part of each response: all (default), think (the thinking "
+                   "part, <think>...</think>; traces without one are left out) or answer "
+                   "(after it; the whole response without one)")
     p.add_argument("--top-tokens", type=int, default=15, metavar="N",
                    help="rows in the token tables (default 15)")
     p.add_argument("--format", dest="report_format", choices=FORMATS, default="md",
@@ -93,7 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         entropy=entropy, peaks=PeakRule(args.peaks, param), bootstrap=args.bootstrap,
         null=args.null, seed=args.seed, models=tuple(args.report_models),
         sets=tuple(args.sets), estimators=tuple(args.estimators), branches=args.branches,
-        by=args.by, top_tokens=args.top_tokens)
+        by=args.by, top_tokens=args.top_tokens, span=getattr(args, "span", "all"))
 
 
 def check_output(path: str) -> None:

@@ -66,6 +66,52 @@ def extract_answer(
     return None
 
 
+# ---------------------------------------------------------------- cut-off responses
+# A response stopped by max_new_tokens or by the model's context has not finished: the
+# last number it happens to have written is not its answer. The one rule, used for
+# generated traces and branches (forkview.pipeline.record_answer) and for rollout
+# continuations (models.rollout): such a response keeps only an answer it states
+# explicitly (EXPLICIT_METHODS: \boxed{}, "final answer" / "####"; an extractor that
+# returns a bare string states nothing), else it has no answer, recorded with the
+# answer method CUT_OFF and never scored (correct stays None).
+CUT_OFF_REASONS = ("length", "context")  # stop reasons of an unfinished response
+EXPLICIT_METHODS = ("boxed", "final_answer")  # extractor methods that state an answer
+CUT_OFF_ANSWERS = ("explicit", "none", "any")  # what a cut-off response may answer
+CUT_OFF = "cut_off"  # answer_method of a cut-off response without an accepted answer
+
+
+def is_cut_off(stop_reason: str | None) -> bool:
+    """Whether a response with this stop reason was cut off (length / context)."""
+    return stop_reason in CUT_OFF_REASONS
+
+
+def accept_answer(found: ExtractedAnswer | str | None, *, cut_off: bool,
+                  policy: str = "explicit") -> tuple[str | None, str | None, str | None]:
+    """(answer, method, dropped answer) of a response whose extractor found ``found``.
+
+    A finished response keeps what was found. A cut-off one (``cut_off``), under
+    ``policy`` (CUT_OFF_ANSWERS): "explicit" keeps only an answer of EXPLICIT_METHODS,
+    "none" never an answer, "any" whatever was found. A cut-off response left without
+    an answer has the method CUT_OFF; an answer it did not keep is the dropped answer.
+    """
+    if policy not in CUT_OFF_ANSWERS:
+        raise ValueError(f"cut_off_answers must be one of {', '.join(CUT_OFF_ANSWERS)}, "
+                         f"not {policy!r}")
+    if found is None:
+        answer, method = None, None
+    elif isinstance(found, str):
+        answer, method = (found.strip() or None), None
+    else:
+        value = found.value.strip() if found.value else ""
+        answer, method = (value, found.method) if value else (None, None)
+    if not cut_off:
+        return answer, method, None
+    if answer is not None and (
+            policy == "none" or (policy == "explicit" and method not in EXPLICIT_METHODS)):
+        return None, CUT_OFF, answer
+    return answer, (method if answer is not None else CUT_OFF), None
+
+
 # ---------------------------------------------------------------- extractors
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")

@@ -22,51 +22,25 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+from models.branch_types import BranchOutput, BranchRequest, check_requests
 from models.errors import ModelError
 from models.generate import (
     Detokenizer,
+    TopTextCache,
     _annotate,
     _top_list,
-    _TopTextCache,
     cache_kwarg,
     resolve_seed,
     sampling_logits,
 )
 from models.loading import LoadedModel
 from models.rollout import cache_from_output, crop_cache, fork_cache
-from models.types import GenerationParams, TokenStep
+from models.types import TokenStep
 
 StepCallback = Callable[[int, TokenStep], None]  # (row, step)
-
-
-@dataclass(frozen=True)
-class BranchRequest:
-    """One branch to grow: the token ids forced from the fork position on (empty: the
-    fork token is sampled too) and its generation parameters (``max_new_tokens``
-    counts the tokens generated after the forced ones)."""
-
-    forced: tuple[int, ...]
-    params: GenerationParams
-
-
-@dataclass
-class BranchOutput:
-    forced: list[int]
-    params: GenerationParams  # with the seed actually used
-    steps: list[TokenStep] = field(default_factory=list)
-    stop_reason: str = ""  # eos | length | stop_string | context | interrupted
-
-    @property
-    def text(self) -> str:
-        return "".join(s.text for s in self.steps)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [s.token_id for s in self.steps]
 
 
 class PrefixCache:
@@ -97,33 +71,6 @@ class PrefixCache:
                 and len(self.prompt_ids) + position <= self.length)
 
 
-def _check(lm: LoadedModel, prompt_ids: Sequence[int], token_ids: Sequence[int],
-           position: int, requests: Sequence[BranchRequest]) -> None:
-    if not prompt_ids:
-        raise ModelError("the prompt is empty")
-    if not 0 <= position <= len(token_ids):
-        raise ModelError(f"position {position} is out of range (the trace has "
-                         f"{len(token_ids)} tokens: 0..{len(token_ids) - 1})")
-    if not requests:
-        raise ModelError("no branch to grow")
-    first = requests[0].params
-    for r in requests:
-        if r.params.raw != first.raw or r.params.top_alternatives != first.top_alternatives:
-            raise ModelError("branches grown together must share their annotation settings")
-        if (r.params.temperature, r.params.top_k, r.params.top_p) != (
-                first.temperature, first.top_k, first.top_p):
-            raise ModelError("branches grown together must share temperature, top-k and top-p")
-    vocab = getattr(lm.model.config, "vocab_size", None)
-    for r in requests:
-        bad = [t for t in r.forced if t < 0 or (vocab is not None and t >= vocab)]
-        if bad:
-            raise ModelError(f"token id {bad[0]} is not in the model's vocabulary")
-    prefix = len(prompt_ids) + position
-    if lm.context_length and prefix + 1 > lm.context_length:
-        raise ModelError(f"position {position} is past the model's context "
-                         f"({lm.context_length} tokens)")
-
-
 @torch.inference_mode()
 def grow_branches(
     lm: LoadedModel,
@@ -145,7 +92,8 @@ def grow_branches(
     as it is made. Setting ``cancel`` ends every unfinished row after its current token
     with stop reason ``interrupted`` (its tokens are kept).
     """
-    _check(lm, prompt_ids, token_ids, position, requests)
+    check_requests(lm, prompt_ids, token_ids, position, requests,
+                   getattr(lm.model.config, "vocab_size", None))
     model = lm.model
     device = next(model.parameters()).device
     kv = cache_kwarg(model)
@@ -199,7 +147,7 @@ def grow_branches(
             g = torch.Generator(device=device)
             g.manual_seed(int(r.params.seed or 0))
             gens.append(g)
-    texts = _TopTextCache(lm.tokenizer)
+    texts = TopTextCache(lm.tokenizer)
     detoks = []
     for _ in reqs:
         d = Detokenizer(lm.tokenizer)

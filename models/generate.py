@@ -10,91 +10,30 @@ forward step that emitted t, i.e. the distribution token t was drawn from.
 
 from __future__ import annotations
 
-import secrets
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from models.decoding import (
+    Detokenizer,
+    StopInfo,
+    TopTextCache,
+    resolve_seed,
+    stop_reason,
+)
 from models.errors import ModelError
 from models.loading import LoadedModel
+from models.prompting import (  # noqa: F401  (re-exported)
+    apply_template,
+    chat_messages,
+    encode_prompt,
+    template_kwargs,
+    with_system,
+)
 from models.types import Alternative, GenerationParams, TokenStep
-
-
-def resolve_seed(params: GenerationParams) -> GenerationParams:
-    """Give a sampled trace a concrete seed so it can always be replayed."""
-    if params.seed is None and not params.greedy:
-        return replace(params, seed=secrets.randbits(31))
-    return params
-
-
-def encode_prompt(lm: LoadedModel, prompt: str, raw: bool = False) -> list[int]:
-    """Token ids fed to the model: the chat template when the tokenizer has one (unless
-    raw), else the plain text, as MI-Peaks did."""
-    if not prompt or not prompt.strip():
-        raise ModelError("the prompt is empty")
-    tok = lm.tokenizer
-    if not raw and getattr(tok, "chat_template", None):
-        out = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        ids = out["input_ids"] if not isinstance(out, list) else out
-    else:
-        ids = tok(prompt, add_special_tokens=True)["input_ids"]
-    ids = [int(i) for i in ids]
-    if lm.context_length and len(ids) >= lm.context_length:
-        raise ModelError(
-            f"the prompt is {len(ids)} tokens but the model's context is "
-            f"{lm.context_length} tokens"
-        )
-    return ids
-
-
-class Detokenizer:
-    """Incremental decoding whose pieces concatenate to `tokenizer.decode(ids)`.
-
-    Decoding token by token breaks multi-byte characters and merges (byte-level BPE
-    splits an emoji across tokens; SentencePiece drops a leading space). Following
-    the prefix/read-offset scheme of text-generation-inference, a piece is only
-    released once the text decoded from a short window is stable; held-back bytes go
-    to a later token, and `flush` hands any remainder to the last token.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.emitted: list[str] = []
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(
-            list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        new = self._decode(self.ids[self.prefix_offset :])
-        if len(new) > len(prefix) and not new.endswith("\ufffd") and new.startswith(prefix):
-            piece = new[len(prefix) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-        else:
-            piece = ""
-        self.emitted.append(piece)
-        return piece
-
-    def flush(self) -> str:
-        """Text still owed at the end: whatever `decode(ids)` has beyond the pieces."""
-        full = self._decode(self.ids)
-        done = "".join(self.emitted)
-        rest = full[len(done) :] if full.startswith(done) else ""
-        if rest and self.emitted:
-            self.emitted[-1] += rest
-        return rest
 
 
 @dataclass
@@ -161,24 +100,7 @@ def _annotate(
     )
 
 
-class _TopTextCache:
-    """Alternatives are shown as single-token texts; decoding the same ids over and
-    over is wasted work, so they are memoised per tokenizer."""
-
-    def __init__(self, tokenizer: Any):
-        self.tok = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self.cache.get(token_id)
-        if text is None:
-            text = self.tok.decode([token_id], skip_special_tokens=False,
-                                   clean_up_tokenization_spaces=False)
-            self.cache[token_id] = text
-        return text
-
-
-def _top_list(stats: _Stats, i: int, texts: _TopTextCache) -> list[Alternative]:
+def _top_list(stats: _Stats, i: int, texts: TopTextCache) -> list[Alternative]:
     return [
         Alternative(token_id=t, text=texts(t), prob=p)
         for t, p in zip(stats.top_ids[i], stats.top_probs[i], strict=True)
@@ -236,11 +158,6 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-@dataclass
-class StopInfo:
-    reason: str = ""  # eos | length | stop_string | context | interrupted
-
-
 @torch.inference_mode()
 def stream_annotated(
     lm: LoadedModel,
@@ -267,13 +184,12 @@ def stream_annotated(
         gen = torch.Generator(device=device)
         gen.manual_seed(int(params.seed or 0))
     detok = Detokenizer(lm.tokenizer)
-    texts = _TopTextCache(lm.tokenizer)
+    texts = TopTextCache(lm.tokenizer)
     limit = params.max_new_tokens
     if lm.context_length:
         limit = min(limit, lm.context_length - len(prompt_ids))
     capture = HiddenCapture(model, hidden_layer) if hidden_layer is not None else None
     text_so_far = ""
-    max_stop = max((len(s) for s in params.stop), default=0)
     try:
         input_ids = torch.tensor([list(prompt_ids)], device=device)
         from transformers import DynamicCache
@@ -296,20 +212,12 @@ def stream_annotated(
                 hidden = capture.pop_all()[-1].float().cpu().numpy()
             piece = detok.push(token_id)
             text_so_far += piece
-            last = False
-            if token_id in eos:
-                stop_info.reason, last = "eos", True
-            elif max_stop and any(
-                s in text_so_far[-(max_stop + len(piece) + 8) :] for s in params.stop
-            ):
-                stop_info.reason, last = "stop_string", True
-            elif position + 1 >= limit:
-                stop_info.reason = "length" if limit == params.max_new_tokens else "context"
-                last = True
-            elif cancel is not None and cancel.is_set():
-                # Cancelled during this step's forward pass: this token is valid and
-                # becomes the last, with any held-back text flushed into it.
-                stop_info.reason, last = "interrupted", True
+            reason = stop_reason(token_id, eos, text_so_far, piece, params, position, limit,
+                                 "length" if limit == params.max_new_tokens else "context",
+                                 cancel)
+            last = bool(reason)
+            if last:
+                stop_info.reason = reason
             if last:
                 piece += detok.flush()
             step = TokenStep(
@@ -383,7 +291,7 @@ def score_tokens(
     detok = Detokenizer(lm.tokenizer)
     pieces = [detok.push(t) for t in token_ids]
     pieces[-1] += detok.flush()
-    texts = _TopTextCache(lm.tokenizer)
+    texts = TopTextCache(lm.tokenizer)
     return [
         TokenStep(
             position=i,

@@ -46,9 +46,25 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 StatusCallback = Callable[[str], None]
 
 
+class TokenizerHash:
+    """`tokenizer_hash` for every engine's model: the fingerprint of how its token ids
+    read (see `tokenizer_fingerprint`), computed on first use and memoised."""
+
+    tokenizer: Any
+
+    @property
+    def tokenizer_hash(self) -> str:
+        cached = self.__dict__.get("_tokenizer_hash")
+        if cached is None:
+            cached = tokenizer_fingerprint(self.tokenizer)
+            self.__dict__["_tokenizer_hash"] = cached
+        return cached
+
+
 @dataclass
-class LoadedModel:
-    """A ready model with everything the store records about where it came from."""
+class LoadedModel(TokenizerHash):
+    """A ready model with everything the store records about where it came from (the
+    transformers engine; models/llama_backend.py `LlamaModel` has the same fields)."""
 
     model: Any  # transformers PreTrainedModel (typed loosely: torch is imported lazily)
     tokenizer: Any
@@ -75,14 +91,6 @@ class LoadedModel:
             ids.add(int(self.tokenizer.eos_token_id))
         return ids
 
-    @property
-    def tokenizer_hash(self) -> str:
-        """Fingerprint of how token ids read (see `tokenizer_fingerprint`), memoised."""
-        cached = self.__dict__.get("_tokenizer_hash")
-        if cached is None:
-            cached = tokenizer_fingerprint(self.tokenizer)
-            self.__dict__["_tokenizer_hash"] = cached
-        return cached
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -41,7 +41,9 @@ written is not its answer. ``cut_off_answers`` decides what such a row keeps:
 "explicit" (default) only an answer stated explicitly (extractor methods
 ``EXPLICIT_METHODS``: \\boxed{}, "final answer" / "####"; an extractor returning a bare
 string states nothing), "none" never an answer, "any" whatever ``extract`` finds (the
-first version's behaviour). A dropped answer is kept as ``dropped_answer``.
+first version's behaviour). A dropped answer is kept as ``dropped_answer``; a cut-off
+row left without an answer has ``answer_method`` "cut_off". This is the one rule of
+models.answers (``accept_answer``), which generated traces and branches follow too.
 
 Choices beyond science.md (recorded in ``params``):
 - The answer of a continuation is extracted from the whole response it completes
@@ -105,7 +107,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -114,9 +115,19 @@ from typing import Any
 
 import torch
 
-from models.answers import ExtractedAnswer, answers_equivalent, extract_answer
+from models.answers import (  # noqa: F401  (the cut-off rule's names, re-exported)
+    CUT_OFF_ANSWERS,
+    CUT_OFF_REASONS,
+    EXPLICIT_METHODS,
+    ExtractedAnswer,
+    accept_answer,
+    answers_equivalent,
+    extract_answer,
+    is_cut_off,
+)
 from models.errors import ModelError
 from models.generate import Detokenizer, _annotate, _entropy, cache_kwarg
+from models.high_entropy import stratified_positions  # noqa: F401  (re-exported)
 from models.loading import LoadedModel
 from models.types import Alternative, GenerationParams, TokenStep
 
@@ -126,9 +137,6 @@ Equivalence = Callable[[str, str], bool]
 ANSWER_SCOPES = ("response", "continuation")
 NO_ANSWER = None  # label of the class of continuations without an extractable answer
 MIXTURE_N = ("kish", "total")  # sample size of the mixture's Miller-Madow term
-CUT_OFF_ANSWERS = ("explicit", "none", "any")  # what a cut-off continuation may answer
-EXPLICIT_METHODS = ("boxed", "final_answer")  # extractor methods that state an answer
-CUT_OFF_REASONS = ("length", "context")  # stop reasons of an unfinished response
 
 
 class RolloutCancelled(Exception):
@@ -550,24 +558,12 @@ def _sample_rows(
     return out
 
 
-def _as_answer(found: ExtractedAnswer | str | None) -> tuple[str | None, str | None]:
-    if found is None:
-        return None, None
-    if isinstance(found, str):
-        return (found.strip() or None), None
-    value = found.value.strip() if found.value else ""
-    return (value, found.method) if value else (None, None)
-
-
 def _answer_of(
     extract: AnswerExtractor, text: str, cut_off: bool, policy: str
 ) -> tuple[str | None, str | None, str | None]:
-    """(answer, method, dropped answer) of one continuation under ``cut_off_answers``."""
-    answer, method = _as_answer(extract(text))
-    if answer is not None and cut_off and (
-            policy == "none" or (policy == "explicit" and method not in EXPLICIT_METHODS)):
-        return None, None, answer
-    return answer, method, None
+    """(answer, method, dropped answer) of one continuation under ``cut_off_answers``:
+    the cut-off rule of generated traces too (models.answers.accept_answer)."""
+    return accept_answer(extract(text), cut_off=cut_off, policy=policy)
 
 
 def _steps(
@@ -764,7 +760,7 @@ def rollout_position(
         ids = [alt_ids[a], *rows.tokens[r]]
         text = decode(ids)
         scope_text = decode(head + ids) if answer_scope == "response" else text
-        cut_off = rows.stop[r] in CUT_OFF_REASONS
+        cut_off = is_cut_off(rows.stop[r])
         if answer_ids is not None:
             scope_ids = head + ids if answer_scope == "response" else list(ids)
             answer, method, dropped = _answer_of(
@@ -902,27 +898,3 @@ def rollout_positions(
                                    cancel=cancel, **kwargs)
         except RolloutCancelled:
             return
-
-
-def stratified_positions(
-    entropies: Sequence[float], rho: float = 0.2, seed: int = 0
-) -> list[int]:
-    """Every high-entropy position (the top ``rho`` of the trace, ties at the threshold
-    included) plus as many randomly chosen (seeded) low-entropy positions as controls,
-    fewer if there are not enough; sorted.
-
-    The top rho is ceil(rho * n) positions (at least one for a non-empty trace); its
-    threshold is the entropy of the last of them, and every position at or above it
-    counts as high.
-    """
-    if not 0.0 < rho <= 1.0:
-        raise ValueError(f"rho must be in (0, 1], not {rho}")
-    n = len(entropies)
-    if n == 0:
-        return []
-    k = max(1, math.ceil(rho * n - 1e-9))
-    threshold = sorted(entropies, reverse=True)[k - 1]
-    high = [i for i, h in enumerate(entropies) if h >= threshold]
-    low = [i for i, h in enumerate(entropies) if h < threshold]
-    controls = random.Random(seed).sample(low, min(len(high), len(low)))
-    return sorted(high + controls)

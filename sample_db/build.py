@@ -212,7 +212,8 @@ def update(path: Path, items: list) -> None:
                 store.add_prompt(info.prompt, reference_answer=info.reference_answer,
                                  reference_solution=item.solution,
                                  source_set=info.source_set, source_id=info.source_id)
-            record_answer(store, info.id, info.text, info.reference_answer)
+            record_answer(store, info.id, info.text, info.reference_answer,
+                          stop_reason=info.stop_reason)
     finally:
         store.close()
     finalize(path)

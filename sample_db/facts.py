@@ -30,6 +30,8 @@ FACTS = {
                          "{:,} rollout continuations"),
     "correct roots": ("SELECT COUNT(*) FROM traces WHERE parent_trace_id IS NULL AND correct",
                       "gets {} of"),
+    "cut-off roots": ("SELECT COUNT(*) FROM traces WHERE parent_trace_id IS NULL "
+                      "AND answer_method = 'cut_off'", "{} of them stop at the token limit"),
     "control runs": ("SELECT COUNT(*) FROM mi_runs WHERE json_extract(params, '$.control') "
                      "IS NOT NULL", "{:,} control runs"),
     "counterfactual positions": (

@@ -29,9 +29,10 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine, select
 
-from models.types import Alternative, GenerationParams, TokenStep
+from models.thinking import THINK_CLOSE, THINK_OPEN, ThinkSpan, find_think_span
+from models.types import Alternative, GenerationParams, TokenStep, forkview_version
 from store.errors import StoreError
-from store.schema import ORIGINS, SCHEMA_VERSION, ModelRow, PromptRow, TraceRow
+from store.schema import MODEL_KEY, ORIGINS, SCHEMA_VERSION, ModelRow, PromptRow, TraceRow
 
 FORKVIEW_TABLES = {"meta", "models", "prompts", "traces", "tokens"}
 # meta key prefix of a superseded trace's pointer: `superseded_by:<its uid>` = the uid
@@ -56,15 +57,6 @@ def default_db_path() -> Path:
     return Path(user_data_dir("forkview")) / "forkview.db"
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("forkview")
-    except Exception:
-        return "0+unknown"
-
-
 def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     for col, typ in (("stop_reason", "VARCHAR"), ("tokens_per_second", "FLOAT"),
                      ("host", "VARCHAR"), ("pid", "INTEGER")):
@@ -87,8 +79,42 @@ def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
     # token_scores is a new table: create_all makes it after the upgrade.
 
 
+def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE models ADD COLUMN backend VARCHAR NOT NULL DEFAULT 'hf'")
+    # The cut-off rule (models/answers.py accept_answer), applied to what older versions
+    # stored: a response stopped by the token limit keeps only an explicitly stated
+    # answer; otherwise it has no answer and is not scored.
+    from models.answers import CUT_OFF, CUT_OFF_REASONS, EXPLICIT_METHODS
+
+    reasons = ", ".join("?" * len(CUT_OFF_REASONS))
+    explicit = ", ".join("?" * len(EXPLICIT_METHODS))
+    conn.execute(
+        f"UPDATE traces SET answer = NULL, correct = NULL, answer_method = ? "
+        f"WHERE stop_reason IN ({reasons}) "
+        f"AND (answer_method IS NULL OR answer_method NOT IN ({explicit}))",
+        (CUT_OFF, *CUT_OFF_REASONS, *EXPLICIT_METHODS))
+    for col, typ in (("system", "VARCHAR"), ("enable_thinking", "BOOLEAN"),
+                     ("think_start", "INTEGER"), ("think_end", "INTEGER"),
+                     ("answer_start", "INTEGER")):
+        conn.execute(f"ALTER TABLE traces ADD COLUMN {col} {typ}")
+    # The thinking span of the root traces that hold a marker, from their token pieces.
+    # Their rendered prompt is not known here (no tokenizer): a response that starts
+    # inside the thinking part is recognised by a closing marker with no opening one
+    # before it.
+    ids = [r[0] for r in conn.execute(
+        "SELECT id FROM traces WHERE parent_trace_id IS NULL AND (instr(text, ?) > 0 "
+        "OR instr(text, ?) > 0)", (THINK_OPEN, THINK_CLOSE))]
+    for tid in ids:
+        pieces = [r[0] for r in conn.execute(
+            "SELECT text FROM tokens WHERE trace_id = ? ORDER BY position", (tid,))]
+        span = find_think_span(pieces)
+        if span is not None:
+            conn.execute("UPDATE traces SET think_start = ?, think_end = ?, answer_start = ? "
+                         "WHERE id = ?", (span.start, span.end, span.answer_start, tid))
+
+
 # MIGRATIONS[n] upgrades a file from schema n to n + 1.
-MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5}
 
 
 @dataclass
@@ -124,6 +150,9 @@ class TraceInfo:
     forced_token_ids: list[int] | None = None
     model_tokenizer_hash: str | None = None
     prompt_id: int | None = None
+    think_start: int | None = None  # the thinking part, models/thinking.py
+    think_end: int | None = None
+    answer_start: int | None = None
 
     @property
     def is_root(self) -> bool:
@@ -282,7 +311,7 @@ class Store:
                 conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.exec_driver_sql(
                     "INSERT OR REPLACE INTO meta(key, value) VALUES ('created_by', ?)",
-                    (f"forkview {_version()}",),
+                    (f"forkview {forkview_version()}",),
                 )
         elif version < SCHEMA_VERSION:
             self._upgrade(version)
@@ -377,17 +406,13 @@ class Store:
         content_hash: str | None = None,
         revision: str | None = None,
         tokenizer_hash: str | None = None,
+        backend: str = "hf",
     ) -> int:
         with Session(self.engine) as s:
-            found = s.exec(
-                select(ModelRow).where(
-                    ModelRow.spec == spec,
-                    ModelRow.content_hash == content_hash,
-                    ModelRow.revision == revision,
-                    ModelRow.dtype == dtype,
-                    ModelRow.device == device,
-                )
-            ).first()
+            key = {"spec": spec, "content_hash": content_hash, "revision": revision,
+                   "dtype": dtype, "device": device, "backend": backend}
+            found = s.exec(select(ModelRow).where(
+                *(getattr(ModelRow, k) == key[k] for k in MODEL_KEY))).first()
             if found is not None:
                 if tokenizer_hash and not found.tokenizer_hash:
                     found.tokenizer_hash = tokenizer_hash
@@ -396,7 +421,7 @@ class Store:
                 return int(found.id)  # type: ignore[arg-type]
             row = ModelRow(name=name, spec=spec, kind=kind, content_hash=content_hash,
                            revision=revision, tokenizer_hash=tokenizer_hash, dtype=dtype,
-                           device=device, created_at=now_iso())
+                           device=device, created_at=now_iso(), backend=backend)
             s.add(row)
             s.commit()
             return int(row.id)  # type: ignore[arg-type]
@@ -463,6 +488,8 @@ class Store:
             origin=origin,
             prompt_token_ids=json.dumps([int(i) for i in prompt_token_ids]),
             raw=params.raw,
+            system=params.system,
+            enable_thinking=params.enable_thinking,
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -474,7 +501,7 @@ class Store:
             started_at=now_iso(),
             host=socket.gethostname(),
             pid=os.getpid(),
-            forkview_version=_version(),
+            forkview_version=forkview_version(),
         )
         with Session(self.engine) as s:
             s.add(row)
@@ -570,7 +597,8 @@ class Store:
             "t.max_new_tokens, t.temperature, t.top_p, t.top_k, t.seed, t.stop, "
             "t.top_alternatives, t.raw, t.error, t.answer, t.answer_method, t.correct, "
             "p.reference_solution, p.source_set, p.source_id, t.model_id, t.origin, "
-            "t.forced_token_ids, m.tokenizer_hash, t.prompt_id, t.host, t.pid "
+            "t.forced_token_ids, m.tokenizer_hash, t.prompt_id, t.host, t.pid, "
+            "t.system, t.enable_thinking, t.think_start, t.think_end, t.answer_start "
             "FROM traces t JOIN models m ON m.id = t.model_id "
             "JOIN prompts p ON p.id = t.prompt_id " + clause
         )
@@ -581,7 +609,8 @@ class Store:
             params = GenerationParams(
                 max_new_tokens=r[16], temperature=r[17], top_p=r[18], top_k=r[19],
                 seed=r[20], stop=tuple(json.loads(r[21] or "[]")), top_alternatives=r[22],
-                raw=bool(r[23]),
+                raw=bool(r[23]), system=r[38],
+                enable_thinking=None if r[39] is None else bool(r[39]),
             )
             # Liveness is decided here, at read time, without writing anything.
             status, stop_reason = self.effective_status(r[2], r[3], r[36], r[37])
@@ -595,7 +624,8 @@ class Store:
                 correct=None if r[27] is None else bool(r[27]), reference_solution=r[28],
                 source_set=r[29], source_id=r[30], model_id=r[31], origin=r[32] or "generate",
                 forced_token_ids=None if r[33] is None else json.loads(r[33]),
-                model_tokenizer_hash=r[34], prompt_id=r[35],
+                model_tokenizer_hash=r[34], prompt_id=r[35], think_start=r[40],
+                think_end=r[41], answer_start=r[42],
             ))
         return out
 
@@ -704,6 +734,15 @@ class Store:
         return ids
 
     # ------------------------------------------------------------------ answers and MI
+    def set_think_span(self, trace_id: int, span: ThinkSpan | None) -> None:
+        """Store a trace's thinking span (models/thinking.py); None: no thinking part."""
+        values = (None, None, None) if span is None else (span.start, span.end,
+                                                          span.answer_start)
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE traces SET think_start = ?, think_end = ?, answer_start = ? "
+                "WHERE id = ?", (*values, int(trace_id)))
+
     def set_answer(self, trace_id: int, answer: str | None, method: str | None,
                    correct: bool | None) -> None:
         with self.engine.begin() as conn:

@@ -5,7 +5,7 @@ Nothing is lost and nothing is duplicated:
 - a trace is identified by its `uid` (made at generation, kept by merges): a trace
   already in OUT is not copied again; a new one gets a fresh id in OUT with its
   parent, model and prompt ids remapped (parents are copied before their children);
-- models are matched on (spec, content_hash, revision, dtype, device) and prompts on
+- models are matched on (spec, content_hash, revision, dtype, device, backend) and prompts on
   (text, reference_answer, source_set, source_id), the keys `Store.upsert_model` and
   `Store.add_prompt` use, so one model or prompt stays one row;
 - MI runs are matched on their unique key (trace, estimator, params): a run OUT
@@ -37,9 +37,11 @@ from typing import Any
 
 from store.db import Store, _check_file, now_iso
 from store.errors import StoreError
-from store.schema import SCHEMA_VERSION
+from store.schema import MODEL_KEY, SCHEMA_VERSION
 
-MODEL_KEY = ("spec", "content_hash", "revision", "dtype", "device")
+# Key columns of `models` added by later schemas, as an upgrade fills them in.
+MODEL_DEFAULTS: dict[str, Any] = {"backend": "hf"}
+
 PROMPT_KEY = ("text", "reference_answer", "source_set", "source_id")
 
 
@@ -169,11 +171,16 @@ def _find(dst: Any, table: str, key: Sequence[str], row: dict[str, Any]) -> int 
 
 
 def _merge_keyed(src: sqlite3.Connection, dst: Any, table: str, cols: list[str],
-                 key: tuple[str, ...], backfill: str, added: int) -> tuple[dict[int, int], int]:
+                 key: tuple[str, ...], backfill: str, added: int,
+                 defaults: dict[str, Any] | None = None) -> tuple[dict[int, int], int]:
     """Rows of a table matched on their natural key: the old id -> the id in OUT, and
-    the count of rows added. A matched row missing `backfill` gets the input's value."""
+    the count of rows added. A matched row missing `backfill` gets the input's value.
+    Key columns an older input lacks take their value in `defaults` (what the upgrade
+    of that file would give them)."""
     id_map: dict[int, int] = {}
     for row in _rows(src, table, cols):
+        for k, v in (defaults or {}).items():
+            row.setdefault(k, v)
         old = row.pop("id")
         found = _find(dst, table, key, row)
         if found is None:
@@ -194,7 +201,8 @@ def _merge_one(src: sqlite3.Connection, dst: Any, s: MergeStats) -> None:
 
     # models and prompts: matched on their natural keys, added when missing.
     model_map, s.models_added = _merge_keyed(src, dst, "models", common("models"), MODEL_KEY,
-                                             "tokenizer_hash", s.models_added)
+                                             "tokenizer_hash", s.models_added,
+                                             defaults=MODEL_DEFAULTS)
     prompt_map, s.prompts_added = _merge_keyed(src, dst, "prompts", common("prompts"),
                                                PROMPT_KEY, "reference_solution",
                                                s.prompts_added)

@@ -16,8 +16,11 @@ from sqlmodel import Field, SQLModel
 # traces.tokens_per_second, traces.host and traces.pid (crash recovery). Version 3 added
 # prompts.reference_solution, traces.answer/answer_method/correct and the MI tables
 # mi_runs and mi_values. Version 4 added models.tokenizer_hash, traces.origin and the
-# token_scores table (a trace's tokens scored by a second model).
-SCHEMA_VERSION = 4
+# token_scores table (a trace's tokens scored by a second model). Version 5 added
+# traces.system, traces.enable_thinking (chat template settings) and traces.think_start,
+# think_end and answer_start (the thinking part's token span, models/thinking.py) and
+# models.backend (the engine: hf or llama.cpp).
+SCHEMA_VERSION = 5
 
 # How a trace came to be: generate (a root), fork (a chosen or typed token at a
 # position), sample (one of N continuations sampled from a position), rollout (a
@@ -38,6 +41,12 @@ class Meta(SQLModel, table=True):
     value: str
 
 
+# What identifies a model (a `models` row), database-independently: two loads equal on
+# these fields are the same model (Store.upsert_model, forkview merge, an MI run's
+# "made with the trace's own model" test in forkview/mi.py).
+MODEL_KEY = ("spec", "content_hash", "revision", "dtype", "device", "backend")
+
+
 class ModelRow(SQLModel, table=True):
     __tablename__ = "models"
 
@@ -53,6 +62,8 @@ class ModelRow(SQLModel, table=True):
     dtype: str
     device: str
     created_at: str
+    # The engine that ran it: hf (transformers) | llama.cpp (models/engine.py).
+    backend: str = "hf"
 
 
 class PromptRow(SQLModel, table=True):
@@ -87,6 +98,8 @@ class TraceRow(SQLModel, table=True):
     origin: str = "generate"  # generate | fork | sample | rollout | import (ORIGINS)
     prompt_token_ids: str  # JSON list: exactly the ids fed to the model
     raw: bool = False  # True: prompt sent without the chat template
+    system: str | None = None  # system message given to the chat template (--system)
+    enable_thinking: bool | None = None  # passed to the chat template; NULL: not passed
     max_new_tokens: int
     temperature: float  # 0 = greedy
     top_p: float
@@ -108,6 +121,13 @@ class TraceRow(SQLModel, table=True):
     answer: str | None = None  # final answer extracted from text
     answer_method: str | None = None  # extractor that found it (boxed, final_answer, ...)
     correct: bool | None = None  # answer equivalent to the prompt's reference answer
+    # The thinking part (<think>...</think>), models/thinking.py: token positions
+    # [think_start, think_end) of its content; answer_start the first answer position
+    # (NULL with a thinking part: cut off while thinking). All NULL: no thinking part,
+    # or a branch (not computed for branches).
+    think_start: int | None = None
+    think_end: int | None = None
+    answer_start: int | None = None
 
 
 class TokenRow(SQLModel, table=True):

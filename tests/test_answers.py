@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 
 from models.answers import (
+    CUT_OFF,
     DEFAULT_METHODS,
     EXTRACTORS,
     ExtractedAnswer,
+    accept_answer,
     answers_equivalent,
     extract_answer,
     is_correct,
+    is_cut_off,
     normalise_answer,
     register_extractor,
 )
@@ -144,3 +147,66 @@ def test_importing_answers_does_not_import_sympy():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=60, check=True)
     assert res.stdout.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------- cut-off responses
+def test_cut_off_rule_keeps_only_explicit_answers():
+    last = ExtractedAnswer("41", "last_number")
+    boxed = ExtractedAnswer("42", "boxed")
+    # A finished response keeps what was found; a cut-off one only an explicit answer.
+    assert accept_answer(last, cut_off=False) == ("41", "last_number", None)
+    assert accept_answer(last, cut_off=True) == (None, CUT_OFF, "41")
+    assert accept_answer(boxed, cut_off=True) == ("42", "boxed", None)
+    assert accept_answer(ExtractedAnswer("7", "final_answer"), cut_off=True) == (
+        "7", "final_answer", None)
+    assert accept_answer(None, cut_off=True) == (None, CUT_OFF, None)
+    assert accept_answer(None, cut_off=False) == (None, None, None)
+    # A bare string states nothing explicitly; the other policies.
+    assert accept_answer(" 5 ", cut_off=False) == ("5", None, None)
+    assert accept_answer("5", cut_off=True) == (None, CUT_OFF, "5")
+    assert accept_answer(last, cut_off=True, policy="any") == ("41", "last_number", None)
+    assert accept_answer(boxed, cut_off=True, policy="none") == (None, CUT_OFF, "42")
+    with pytest.raises(ValueError, match="cut_off_answers"):
+        accept_answer(last, cut_off=True, policy="some")
+    assert [is_cut_off(r) for r in ("length", "context", "eos", "stop_string", None)] == [
+        True, True, False, False, False]
+
+
+def test_a_cut_off_trace_is_never_scored_false(tmp_path: Path):
+    from forkview.pipeline import record_answer
+    from models.types import GenerationParams
+    from store import Store
+
+    store = Store.open(tmp_path / "t.db")
+    model = store.upsert_model(name="m", spec="m", kind="dir", dtype="float32", device="cpu")
+    prompt = store.add_prompt("Tom has 40 apples and buys 2 more. How many?",
+                              reference_answer="42")
+
+    def trace(stop_reason: str) -> int:
+        tid = store.start_trace(model_id=model, prompt_id=prompt, prompt_token_ids=[1],
+                                params=GenerationParams(max_new_tokens=8))
+        with store.writer(tid) as w:
+            w.finish("complete", stop_reason)
+        return tid
+
+    def stored(tid: int) -> tuple:
+        info = store.trace(tid)
+        return info.answer, info.answer_method, info.correct
+
+    bare = "Tom starts with 40 apples. Then he buys 2, so 40 + 1"  # cut mid-sum
+    for reason in ("length", "context"):
+        tid = trace(reason)
+        assert record_answer(store, tid, bare, "42", stop_reason=reason) == (None, None)
+        assert stored(tid) == (None, "cut_off", None)  # no answer, not "wrong"
+        # An answer stated explicitly before the cut is kept and scored.
+        assert record_answer(store, tid, "40 + 2 = \\boxed{42}. Let me check", "42",
+                             stop_reason=reason) == ("42", True)
+        assert stored(tid) == ("42", "boxed", True)
+        record_answer(store, tid, "Final answer: 41. Let me check", "42", stop_reason=reason)
+        assert stored(tid) == ("41", "final_answer", False)
+    # A finished response (EOS, a stop string) is read as before: its last number.
+    for reason in ("eos", "stop_string"):
+        tid = trace(reason)
+        assert record_answer(store, tid, bare, "42", stop_reason=reason) == ("1", False)
+        assert stored(tid) == ("1", "last_number", False)
+    store.close()

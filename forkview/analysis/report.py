@@ -45,8 +45,16 @@ from forkview.analysis import inference as inf
 from forkview.analysis import overlap as ov
 from forkview.analysis.peaks import TUKEY, PeakRule
 from forkview.text import counted
+from models.types import forkview_version
 
 GROUP_ORDER = ("all", "correct", "incorrect", "unknown")
+# Which part of each response is analysed (traces.think_start / think_end / answer_start,
+# models/thinking.py): every position, the thinking content, or the answer after it.
+SPANS = ("all", "think", "answer")
+SPAN_TEXT = {"think": "thinking part only: positions [think_start, think_end) of the "
+                      "traces with a thinking part",
+             "answer": "answer only: positions from answer_start on (the whole response "
+                       "of a trace without a thinking part)"}
 # Fetch everything and filter in numpy when the selection is at least this share of the
 # rows: one sequential scan beats an index lookup per row.
 _SCAN_SHARE = 0.5
@@ -59,15 +67,6 @@ class ReportError(Exception):
     def __init__(self, message: str, *, usage: bool = False) -> None:
         super().__init__(message)
         self.usage = usage
-
-
-def forkview_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("forkview")
-    except Exception:
-        return "0+unknown"
 
 
 @dataclass(frozen=True)
@@ -85,6 +84,7 @@ class ReportSettings:
     branches: bool = False  # also forks, samples and rollout continuations
     by: str | None = None  # "correct": split by traces.correct
     top_tokens: int = 15
+    span: str = "all"  # all | think | answer (SPANS)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,6 +108,9 @@ class ReportSettings:
                         "traces": "roots and branches" if self.branches else "roots only"},
             "by": self.by,
             "top_tokens": self.top_tokens,
+            # only when restricted: a default report reads as it always did
+            **({"span": {"name": self.span, "definition": SPAN_TEXT[self.span]}}
+               if self.span != "all" else {}),
         }
 
 
@@ -199,6 +202,10 @@ class _Selection:
     correct: list[bool | None]
     prompt: np.ndarray  # prompt row per trace: the bootstrap's cluster
     setting: list[str]  # sampling setting per trace (`sampling_label`)
+    # per trace (think_start, think_end, answer_start, n_tokens) (None: no thinking part
+    # or not stored) and whether it is a root
+    think: list[tuple[Any, ...]] = field(default_factory=list)
+    root: list[bool] = field(default_factory=list)
 
 
 def sampling_label(temperature: float, top_p: float, top_k: int) -> str:
@@ -266,16 +273,60 @@ def _select(conn: Any, settings: ReportSettings) -> _Selection:
         where.append(f"p.source_set IN ({', '.join('?' * len(settings.sets))})")
         args += list(settings.sets)
     rows = _fetch(conn, "SELECT t.id, t.model_id, t.correct, t.prompt_id, t.temperature, "
-                  "t.top_p, t.top_k FROM traces t "
+                  "t.top_p, t.top_k, t.think_start, t.think_end, t.answer_start, "
+                  "t.n_tokens, t.parent_trace_id IS NULL FROM traces t "
                   "JOIN prompts p ON p.id = t.prompt_id WHERE " + " AND ".join(where)
                   + " ORDER BY t.id", tuple(args))
-    ids, model, correct, prompt, temp, top_p, top_k = _columns(rows, 7)
+    (ids, model, correct, prompt, temp, top_p, top_k, t_start, t_end, a_start, n_tok,
+     root) = _columns(rows, 12)
     return _Selection(np.array(ids, dtype=np.int64), np.array(model, dtype=np.int64),
                       [None if c is None else bool(c) for c in correct],
                       np.array(prompt, dtype=np.int64),
                       [sampling_label(float(t or 0), float(p if p is not None else 1),
                                       int(k or 0)) for t, p, k in zip(temp, top_p, top_k,
-                                                                      strict=True)])
+                                                                      strict=True)],
+                      list(zip(t_start, t_end, a_start, n_tok, strict=True)),
+                      [bool(r) for r in root])
+
+
+def _span_bounds(sel: _Selection, span: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per selected trace, the positions [lo, hi) of `span` (lo = -1: the trace is left
+    out), and why traces were left out (for the report's notes)."""
+    n = len(sel.ids)
+    lo, hi = np.zeros(n, dtype=np.int64), np.full(n, np.iinfo(np.int64).max)
+    why: Counter[str] = Counter()
+    for i, ((start, end, answer, n_tokens), root) in enumerate(zip(sel.think, sel.root,
+                                                                    strict=True)):
+        out = None
+        if not root:
+            out = "not a root (spans are stored for root traces only)"
+        elif span == "think":
+            if start is None:
+                out = "without a thinking part"
+            elif end <= start:
+                out = "with an empty thinking part"
+            else:
+                lo[i], hi[i] = start, end
+        elif start is not None:  # answer, after a thinking part
+            if answer is None:
+                out = "cut off while thinking (no answer)"
+            elif answer >= n_tokens:
+                out = "with nothing after the thinking part"
+            else:
+                lo[i] = answer
+        if out is not None:
+            lo[i] = -1
+            why[out] += 1
+    notes = [f"{k} {reason}" for reason, k in sorted(why.items(), key=lambda kv: (-kv[1],
+                                                                                    kv[0]))]
+    return lo, hi, notes
+
+
+def _restrict(sel: _Selection, keep: np.ndarray) -> _Selection:
+    idx = np.flatnonzero(keep).tolist()
+    return _Selection(sel.ids[keep], sel.model[keep], [sel.correct[i] for i in idx],
+                      sel.prompt[keep], [sel.setting[i] for i in idx],
+                      [sel.think[i] for i in idx], [sel.root[i] for i in idx])
 
 
 def _ids_clause(column: str, ids: np.ndarray, total: int) -> tuple[str, tuple[Any, ...]]:
@@ -318,12 +369,29 @@ def build_report(store: Any, settings: ReportSettings, *,
 def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
     if settings.by not in (None, "correct"):
         raise ReportError(f"unknown split {settings.by!r} (use correct)", usage=True)
+    if settings.span not in SPANS:
+        raise ReportError(f"unknown span {settings.span!r} (use {', '.join(SPANS)})",
+                          usage=True)
     models = {int(r[0]): (r[1], r[2]) for r in _fetch(conn, "SELECT id, name, spec FROM models")}
     wanted = _match_models(models, settings.models) if settings.models else set(models)
     sel = _select(conn, settings)
     if not len(sel.ids):
         what = f" in set(s) {', '.join(settings.sets)}" if settings.sets else ""
         raise ReportError(f"no finished traces{what} in {database}")
+    span_notes: list[str] = []
+    if settings.span != "all":
+        # Only the span's positions are read on: E's threshold, the peaks, every
+        # statistic and control see nothing else. Traces without it are left out.
+        lo, hi, why = _span_bounds(sel, settings.span)
+        keep = lo >= 0
+        if why:
+            out = counted(int((~keep).sum()), "trace")
+            span_notes.append(f"--span {settings.span}: {out} left out: {'; '.join(why)}")
+        sel, lo, hi = _restrict(sel, keep), lo[keep], hi[keep]
+        if not len(sel.ids):
+            raise ReportError(f"no selected trace of {database} has a "
+                              f"{'thinking part' if settings.span == 'think' else 'answer'} "
+                              f"(--span {settings.span}; " + "; ".join(why) + ")")
     gen_of = dict(zip(sel.ids.tolist(), sel.model.tolist(), strict=True))
     correct_of = dict(zip(sel.ids.tolist(), sel.correct, strict=True))
     prompt_of = dict(zip(sel.ids.tolist(), sel.prompt.tolist(), strict=True))
@@ -342,6 +410,11 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
         if not keep.all():
             tid, pos, ent = tid[keep], pos[keep], ent[keep]
             text = [text[i] for i in np.flatnonzero(keep)]
+    if settings.span != "all" and len(tid):
+        at = np.searchsorted(sel.ids, tid)
+        keep = (pos >= lo[at]) & (pos < hi[at])
+        tid, pos, ent = tid[keep], pos[keep], ent[keep]
+        text = [text[i] for i in np.flatnonzero(keep)]
     span = int(pos.max()) + 8 if len(pos) else 8
     key = _key(tid, pos, span)
     order = np.argsort(key, kind="stable")
@@ -521,16 +594,21 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
     comparisons = _comparisons(scorer_ids, views, mi_by, estimators, tid, settings, models)
     between, ref_controls = _estimator_checks(scorer_ids, views, mi_by, estimators, tid,
                                               settings, models)
-    notes = []
+    notes = list(span_notes)
     if not estimators:
         notes.append("no complete MI runs on the selected traces: entropy only")
+    cf_positions = cf.read_positions(conn, sel.ids.tolist(), prompt_of, gen_of)
+    if settings.span != "all":
+        bounds = {t: (a, b) for t, a, b in zip(sel.ids.tolist(), lo.tolist(), hi.tolist(),
+                                                strict=True)}
+        cf_positions = [c for c in cf_positions
+                        if bounds[c.trace_id][0] <= c.position < bounds[c.trace_id][1]]
     report = Report(settings=settings, version=forkview_version(), database=database,
                     n_traces=len(sel.ids), models=summaries, rows=rows_out,
                     comparisons=comparisons, notes=notes, strata=strata_out,
                     between_estimators=between, reference_controls=ref_controls,
                     counterfactual=cf.analyse(
-                        cf.read_positions(conn, sel.ids.tolist(), prompt_of, gen_of),
-                        {m: v[0] for m, v in models.items()},
+                        cf_positions, {m: v[0] for m, v in models.items()},
                         bootstrap=settings.bootstrap, seed=settings.seed))
     conclude(report)
     return report
@@ -1048,6 +1126,14 @@ def token_repr(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def span_words(report: Report) -> str:
+    """The header's note of a restricted span ("" for the whole response)."""
+    s = report.settings.span
+    if s == "all":
+        return ""
+    return f", {'thinking part' if s == 'think' else 'answer'} only (--span {s})"
+
+
 def settings_lines(report: Report) -> list[tuple[str, str]]:
     s = report.settings
     e = s.entropy
@@ -1059,6 +1145,8 @@ def settings_lines(report: Report) -> list[tuple[str, str]]:
         ("database", report.database),
         ("traces", f"{f['traces']}, finished (complete or stopped); "
                    f"sets: {', '.join(s.sets) or 'all'}; models: {', '.join(s.models) or 'all'}"),
+        *([("span", f"{s.span}: {SPAN_TEXT[s.span]}; E's threshold and the peaks are "
+                    "fitted over these positions")] if s.span != "all" else []),
         ("high-entropy set E", e_text),
         ("peak set P", f"{s.peaks.label}: {s.peaks.definition}, per trace"),
         ("MI", "latest complete run per trace × estimator × model; positions without an MI "
@@ -1112,8 +1200,8 @@ def _md_table(header: list[str], rows: list[list[str]], align: str | None = None
 def render_markdown(report: Report) -> str:
     L: list[str] = ["# forkview overlap report", ""]
     L += [f"High-entropy tokens (E) against MI peaks (P), per model × estimator, over "
-          f"{counted(report.n_traces, 'trace')} of `{_md(report.database)}`. "
-          f"forkview {report.version}.", ""]
+          f"{counted(report.n_traces, 'trace')} of `{_md(report.database)}`"
+          f"{span_words(report)}. forkview {report.version}.", ""]
     if report.primary_rows:
         L += ["## Verdict", ""]
         for r in report.primary_rows:
@@ -1255,6 +1343,7 @@ def _clean(obj: Any) -> Any:
 
 CSV_SETTINGS = ("entropy_scope", "rho", "entropy_threshold", "peak_rule", "peak_param",
                 "bootstrap", "null", "seed", "traces", "sets", "forkview_version", "database")
+CSV_SPAN = "span"  # a column only when the report is restricted (--span think|answer)
 
 
 def render_csv(report: Report) -> str:
@@ -1268,12 +1357,16 @@ def render_csv(report: Report) -> str:
     for lag in ov.LAGS:
         fields += [f"lag{lag:+d}_precision", f"lag{lag:+d}_jaccard"]
     fields += list(CSV_PRIMARY) + list(CSV_SETTINGS)
+    if s.span != "all":
+        fields.append(CSV_SPAN)
     settings = {"entropy_scope": s.entropy.scope, "rho": s.entropy.rho,
                 "entropy_threshold": s.entropy.threshold, "peak_rule": s.peaks.name,
                 "peak_param": s.peaks.param, "bootstrap": s.bootstrap, "null": s.null,
                 "seed": s.seed, "traces": "roots and branches" if s.branches else "roots",
                 "sets": ";".join(s.sets), "forkview_version": report.version,
                 "database": report.database}
+    if s.span != "all":
+        settings[CSV_SPAN] = s.span
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
@@ -1367,7 +1460,7 @@ def render_html(report: Report) -> str:
                     "<h1>forkview overlap report</h1>",
                     f"<p>High-entropy tokens (E) against MI peaks (P), per model × estimator, "
                     f"over {counted(report.n_traces, 'trace')} of "
-                    f"<code>{_e(report.database)}</code>. "
+                    f"<code>{_e(report.database)}</code>{_e(span_words(report))}. "
                     f"forkview {_e(report.version)}.</p>",
                     ]
     if report.primary_rows:
@@ -1537,7 +1630,8 @@ def render_latex(report: Report) -> str:
     endpoints, each row's controls, the sampling strata and the counterfactual test;
     the settings as a comment block."""
     L = [f"% forkview {report.version} overlap report of {report.database}: "
-         f"{counted(report.n_traces, 'trace')}", "% needs \\usepackage{booktabs}"]
+         f"{counted(report.n_traces, 'trace')}{span_words(report)}",
+         "% needs \\usepackage{booktabs}"]
     L += [f"% {k}: {v}" for k, v in settings_lines(report)]
     L += [""]
     if report.primary_rows:

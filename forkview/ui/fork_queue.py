@@ -109,14 +109,16 @@ class PrefixSlot:
         self.builds = 0  # how many times a prefix was encoded (tests read it)
 
     def get(self, lm: Any, source: forks.ForkSource) -> Any:
-        from models.branch import PrefixCache
+        from models.engine import backend_of, prefix_cache
 
+        if backend_of(lm) == "llama.cpp":
+            return None  # the llama.cpp engine keeps the prefix in its own KV cache
         key = (source.info.id, id(lm))
         if (self.key != key or self.cache is None
                 or self.cache.token_ids != source.token_ids
                 or self.cache.prompt_ids != list(source.prompt_ids)):
             self.cache = None  # free the old one first
-            self.cache = PrefixCache(lm, source.prompt_ids, source.token_ids)
+            self.cache = prefix_cache(lm, source.prompt_ids, source.token_ids)
             self.key = key
             self.builds += 1
         return self.cache

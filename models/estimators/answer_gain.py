@@ -16,6 +16,7 @@ from models.estimators.base import (
     Estimator,
     EstimatorChunk,
     TraceData,
+    missing_reference,
     pick_reference,
     register,
 )
@@ -24,7 +25,8 @@ from models.estimators.base import (
 @register
 class AnswerGainEstimator(Estimator):
     name = "answer-gain"
-    needs = frozenset({"reference"})
+    # "transformers": its batched cue passes are written for a transformers model.
+    needs = frozenset({"reference", "transformers"})
     defaults: ClassVar[dict[str, Any]] = {
         "cue": "\nFinal answer: ",
         "stride": 1,
@@ -43,16 +45,22 @@ class AnswerGainEstimator(Estimator):
         params["cue"] = str(params["cue"]).replace("\\n", "\n")
         return params
 
+    @staticmethod
+    def _without_solution(trace: TraceData) -> TraceData:
+        # The reference *answer* (never the worked solution) is what is forced.
+        return TraceData(trace.prompt_ids, trace.token_ids, trace.entropies, trace.text,
+                         reference_answer=trace.reference_answer)
+
+    def check(self, trace: TraceData) -> str | None:
+        return missing_reference(self._without_solution(trace), self.params["reference"])
+
     def run(self, lm: Any, trace: TraceData, positions: Sequence[int]) -> Iterator[EstimatorChunk]:
         from models.answer_gain import answer_gain
 
         if not positions:
             return
         p = self.params
-        # The reference *answer* (never the worked solution) is what is forced.
-        stripped = TraceData(trace.prompt_ids, trace.token_ids, trace.entropies, trace.text,
-                             reference_answer=trace.reference_answer)
-        answer, kind = pick_reference(stripped, p["reference"])
+        answer, kind = pick_reference(self._without_solution(trace), p["reference"])
         all_positions = len(positions) == len(trace.token_ids)
         result = answer_gain(
             lm, trace.prompt_ids, trace.token_ids, answer, cue=p["cue"],

@@ -45,7 +45,8 @@ from models.estimators.base import (
 @register
 class RolloutEstimator(Estimator):
     name = "rollout"
-    needs = frozenset({"rollouts"})
+    # "transformers": its batched continuations use a transformers KV cache.
+    needs = frozenset({"rollouts", "transformers"})
     default_positions = "stratified"
     headline: ClassVar[tuple[str, ...]] = ("samples", "min_prob")
     short_names: ClassVar[dict[str, str]] = {"samples": "S", "min_prob": "p>",
