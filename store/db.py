@@ -57,6 +57,16 @@ def default_db_path() -> Path:
     return Path(user_data_dir("forkview")) / "forkview.db"
 
 
+def named_rows(con: Any, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+    """Run `sql` on a sqlite3 connection and return a cursor whose rows are
+    `sqlite3.Row`s, read by column name (`row["id"]`), so adding a column to a SELECT
+    never shifts another. The row factory is the cursor's, not the connection's: a
+    pooled connection of a Store's engine is left as SQLAlchemy expects it."""
+    cur = con.cursor()
+    cur.row_factory = sqlite3.Row
+    return cur.execute(sql, args)
+
+
 def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     for col, typ in (("stop_reason", "VARCHAR"), ("tokens_per_second", "FLOAT"),
                      ("host", "VARCHAR"), ("pid", "INTEGER")):
@@ -101,12 +111,12 @@ def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
     # Their rendered prompt is not known here (no tokenizer): a response that starts
     # inside the thinking part is recognised by a closing marker with no opening one
     # before it.
-    ids = [r[0] for r in conn.execute(
-        "SELECT id FROM traces WHERE parent_trace_id IS NULL AND (instr(text, ?) > 0 "
+    ids = [r["id"] for r in named_rows(
+        conn, "SELECT id FROM traces WHERE parent_trace_id IS NULL AND (instr(text, ?) > 0 "
         "OR instr(text, ?) > 0)", (THINK_OPEN, THINK_CLOSE))]
     for tid in ids:
-        pieces = [r[0] for r in conn.execute(
-            "SELECT text FROM tokens WHERE trace_id = ? ORDER BY position", (tid,))]
+        pieces = [r["text"] for r in named_rows(
+            conn, "SELECT text FROM tokens WHERE trace_id = ? ORDER BY position", (tid,))]
         span = find_think_span(pieces)
         if span is not None:
             conn.execute("UPDATE traces SET think_start = ?, think_end = ?, answer_start = ? "
@@ -180,10 +190,12 @@ def _check_file(path: Path) -> int:
         # syntax and the check would look at another file (or none).
         uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
         con = sqlite3.connect(uri, uri=True)
+        con.row_factory = sqlite3.Row
         try:
-            version = con.execute("PRAGMA user_version").fetchone()[0]
+            version = con.execute("PRAGMA user_version").fetchone()["user_version"]
             tables = {
-                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                r["name"] for r in con.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'")
             }
         finally:
             con.close()
@@ -359,8 +371,8 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.exec_driver_sql(
                 "SELECT id, host, pid FROM traces WHERE status = 'running' AND host = ? "
-                "ORDER BY id", (socket.gethostname(),)).fetchall()
-        return [int(tid) for tid, host, pid in rows if is_stale(host, pid)]
+                "ORDER BY id", (socket.gethostname(),)).mappings().fetchall()
+        return [int(r["id"]) for r in rows if is_stale(r["host"], r["pid"])]
 
     def _recover_stale(self) -> None:
         """Traces left `running` by a process on this host that no longer exists
@@ -369,8 +381,8 @@ class Store:
         with self.engine.begin() as conn:
             rows = conn.exec_driver_sql(
                 "SELECT id, pid FROM traces WHERE status = 'running' AND host = ?", (host,)
-            ).fetchall()
-            dead = [tid for tid, pid in rows if is_stale(host, pid)]
+            ).mappings().fetchall()
+            dead = [r["id"] for r in rows if is_stale(host, r["pid"])]
             for tid in dead:
                 conn.exec_driver_sql(
                     "UPDATE traces SET status = 'stopped', stop_reason = 'crashed', "
@@ -590,42 +602,64 @@ class Store:
         return self._trace_infos(clause, tuple(args))
 
     def _trace_infos(self, clause: str, args: tuple[Any, ...]) -> list[TraceInfo]:
+        # Every column aliased: a TraceInfo field's name, else the GenerationParams
+        # field's (or host / pid, for the liveness check); rows are read by name.
         sql = (
-            "SELECT t.id, t.uid, t.status, t.stop_reason, m.name, m.spec, p.text, "
-            "p.reference_answer, t.text, t.n_tokens, t.started_at, t.finished_at, "
-            "t.tokens_per_second, t.parent_trace_id, t.fork_position, t.prompt_token_ids, "
-            "t.max_new_tokens, t.temperature, t.top_p, t.top_k, t.seed, t.stop, "
-            "t.top_alternatives, t.raw, t.error, t.answer, t.answer_method, t.correct, "
-            "p.reference_solution, p.source_set, p.source_id, t.model_id, t.origin, "
-            "t.forced_token_ids, m.tokenizer_hash, t.prompt_id, t.host, t.pid, "
-            "t.system, t.enable_thinking, t.think_start, t.think_end, t.answer_start "
+            "SELECT t.id AS id, t.uid AS uid, t.status AS status, "
+            "t.stop_reason AS stop_reason, m.name AS model_name, m.spec AS model_spec, "
+            "p.text AS prompt, p.reference_answer AS reference_answer, t.text AS text, "
+            "t.n_tokens AS n_tokens, t.started_at AS started_at, "
+            "t.finished_at AS finished_at, t.tokens_per_second AS tokens_per_second, "
+            "t.parent_trace_id AS parent_trace_id, t.fork_position AS fork_position, "
+            "t.prompt_token_ids AS prompt_token_ids, t.max_new_tokens AS max_new_tokens, "
+            "t.temperature AS temperature, t.top_p AS top_p, t.top_k AS top_k, "
+            "t.seed AS seed, t.stop AS stop, t.top_alternatives AS top_alternatives, "
+            "t.raw AS raw, t.error AS error, t.answer AS answer, "
+            "t.answer_method AS answer_method, t.correct AS correct, "
+            "p.reference_solution AS reference_solution, p.source_set AS source_set, "
+            "p.source_id AS source_id, t.model_id AS model_id, t.origin AS origin, "
+            "t.forced_token_ids AS forced_token_ids, "
+            "m.tokenizer_hash AS model_tokenizer_hash, t.prompt_id AS prompt_id, "
+            "t.host AS host, t.pid AS pid, t.system AS system, "
+            "t.enable_thinking AS enable_thinking, t.think_start AS think_start, "
+            "t.think_end AS think_end, t.answer_start AS answer_start "
             "FROM traces t JOIN models m ON m.id = t.model_id "
             "JOIN prompts p ON p.id = t.prompt_id " + clause
         )
         with self.engine.connect() as conn:
-            rows = conn.exec_driver_sql(sql, args).fetchall()
+            rows = conn.exec_driver_sql(sql, args).mappings().fetchall()
         out = []
         for r in rows:
             params = GenerationParams(
-                max_new_tokens=r[16], temperature=r[17], top_p=r[18], top_k=r[19],
-                seed=r[20], stop=tuple(json.loads(r[21] or "[]")), top_alternatives=r[22],
-                raw=bool(r[23]), system=r[38],
-                enable_thinking=None if r[39] is None else bool(r[39]),
+                max_new_tokens=r["max_new_tokens"], temperature=r["temperature"],
+                top_p=r["top_p"], top_k=r["top_k"], seed=r["seed"],
+                stop=tuple(json.loads(r["stop"] or "[]")),
+                top_alternatives=r["top_alternatives"], raw=bool(r["raw"]),
+                system=r["system"],
+                enable_thinking=(None if r["enable_thinking"] is None
+                                 else bool(r["enable_thinking"])),
             )
             # Liveness is decided here, at read time, without writing anything.
-            status, stop_reason = self.effective_status(r[2], r[3], r[36], r[37])
+            status, stop_reason = self.effective_status(r["status"], r["stop_reason"],
+                                                        r["host"], r["pid"])
             out.append(TraceInfo(
-                id=r[0], uid=r[1], status=status, stop_reason=stop_reason, model_name=r[4],
-                model_spec=r[5], prompt=r[6], reference_answer=r[7], text=r[8] or "",
-                n_tokens=r[9] or 0, started_at=r[10], finished_at=r[11],
-                tokens_per_second=r[12], parent_trace_id=r[13], fork_position=r[14],
-                prompt_token_ids=json.loads(r[15]), params=params, error=r[24],
-                answer=r[25], answer_method=r[26],
-                correct=None if r[27] is None else bool(r[27]), reference_solution=r[28],
-                source_set=r[29], source_id=r[30], model_id=r[31], origin=r[32] or "generate",
-                forced_token_ids=None if r[33] is None else json.loads(r[33]),
-                model_tokenizer_hash=r[34], prompt_id=r[35], think_start=r[40],
-                think_end=r[41], answer_start=r[42],
+                id=r["id"], uid=r["uid"], status=status, stop_reason=stop_reason,
+                model_name=r["model_name"], model_spec=r["model_spec"], prompt=r["prompt"],
+                reference_answer=r["reference_answer"], text=r["text"] or "",
+                n_tokens=r["n_tokens"] or 0, started_at=r["started_at"],
+                finished_at=r["finished_at"], tokens_per_second=r["tokens_per_second"],
+                parent_trace_id=r["parent_trace_id"], fork_position=r["fork_position"],
+                prompt_token_ids=json.loads(r["prompt_token_ids"]), params=params,
+                error=r["error"], answer=r["answer"], answer_method=r["answer_method"],
+                correct=None if r["correct"] is None else bool(r["correct"]),
+                reference_solution=r["reference_solution"], source_set=r["source_set"],
+                source_id=r["source_id"], model_id=r["model_id"],
+                origin=r["origin"] or "generate",
+                forced_token_ids=(None if r["forced_token_ids"] is None
+                                  else json.loads(r["forced_token_ids"])),
+                model_tokenizer_hash=r["model_tokenizer_hash"], prompt_id=r["prompt_id"],
+                think_start=r["think_start"], think_end=r["think_end"],
+                answer_start=r["answer_start"],
             ))
         return out
 
@@ -635,12 +669,13 @@ class Store:
                 "SELECT position, token_id, text, logprob, rank, entropy, sampling_entropy, top "
                 "FROM tokens WHERE trace_id = ? ORDER BY position",
                 (int(trace_id),),
-            ).fetchall()
+            ).mappings().fetchall()
         return [
             TokenStep(
-                position=r[0], token_id=r[1], text=r[2], logprob=r[3], rank=r[4],
-                entropy=r[5], sampling_entropy=r[6],
-                top=[Alternative(**a) for a in json.loads(r[7])],
+                position=r["position"], token_id=r["token_id"], text=r["text"],
+                logprob=r["logprob"], rank=r["rank"], entropy=r["entropy"],
+                sampling_entropy=r["sampling_entropy"],
+                top=[Alternative(**a) for a in json.loads(r["top"])],
             )
             for r in rows
         ]
@@ -666,10 +701,10 @@ class Store:
                 " UNION ALL SELECT t.id, t.parent_trace_id FROM traces t JOIN up"
                 " ON t.id = up.parent) SELECT id FROM up WHERE parent IS NULL",
                 (int(trace_id),),
-            ).first()
+            ).mappings().first()
         if row is None:
             raise StoreError(f"no trace with id {trace_id} in {self.path}")
-        return int(row[0])
+        return int(row["id"])
 
     def descendant_ids(self, trace_id: int) -> list[int]:
         """Every trace below this one (not itself), breadth first. One recursive query
@@ -681,8 +716,8 @@ class Store:
                 " UNION ALL SELECT t.id, down.depth + 1 FROM traces t JOIN down"
                 " ON t.parent_trace_id = down.id) SELECT id FROM down ORDER BY depth, id",
                 (int(trace_id),),
-            ).fetchall()
-        return [int(r[0]) for r in rows]
+            ).mappings().fetchall()
+        return [int(r["id"]) for r in rows]
 
     def family(self, trace_id: int) -> list[TraceInfo]:
         """The whole family of the trace's root: the root first, then every descendant
@@ -715,10 +750,10 @@ class Store:
                              f"{'es' if len(below) != 1 else ''}; delete the branches first")
         ids = [int(trace_id), *below]
         with self.engine.connect() as conn:
-            running = [r[0] for r in conn.exec_driver_sql(
+            running = [r["id"] for r in conn.exec_driver_sql(
                 "SELECT id, host, pid FROM traces WHERE status = 'running' AND id IN "
-                "(SELECT value FROM json_each(?)) ORDER BY id", (json.dumps(ids),))
-                if not is_stale(r[1], r[2])]
+                "(SELECT value FROM json_each(?)) ORDER BY id", (json.dumps(ids),)).mappings()
+                if not is_stale(r["host"], r["pid"])]
         if running:
             raise StoreError(f"trace {running[0]} is still running; stop it before deleting")
         with self.engine.begin() as conn:
@@ -760,7 +795,7 @@ class Store:
             row = conn.exec_driver_sql(
                 "SELECT id FROM mi_runs WHERE trace_id = ? AND estimator = ? AND params = ?",
                 (int(trace_id), estimator, key),
-            ).fetchone()
+            ).mappings().fetchone()
             if row is None:
                 run_id = conn.exec_driver_sql(
                     "INSERT INTO mi_runs (trace_id, estimator, params, info, model_id, status, "
@@ -769,13 +804,13 @@ class Store:
                 ).scalar_one()
                 done: set[int] = set()
             else:
-                run_id = row[0]
+                run_id = row["id"]
                 conn.exec_driver_sql(
                     "UPDATE mi_runs SET status = 'running', error = NULL WHERE id = ? "
                     "AND status != 'complete'", (run_id,),
                 )
-                done = {r[0] for r in conn.exec_driver_sql(
-                    "SELECT position FROM mi_values WHERE run_id = ?", (run_id,))}
+                done = {r["position"] for r in conn.exec_driver_sql(
+                    "SELECT position FROM mi_values WHERE run_id = ?", (run_id,)).mappings()}
         return int(run_id), done
 
     def add_mi_values(self, run_id: int,
@@ -810,15 +845,18 @@ class Store:
         """The trace's MI runs, oldest first."""
         with self.engine.connect() as conn:
             rows = conn.exec_driver_sql(
-                "SELECT r.id, r.trace_id, r.estimator, r.params, r.info, r.status, r.error, "
-                "r.created_at, r.finished_at, (SELECT COUNT(*) FROM mi_values v "
-                "WHERE v.run_id = r.id) FROM mi_runs r WHERE r.trace_id = ? ORDER BY r.id",
+                "SELECT r.id AS id, r.trace_id AS trace_id, r.estimator AS estimator, "
+                "r.params AS params, r.info AS info, r.status AS status, r.error AS error, "
+                "r.created_at AS created_at, r.finished_at AS finished_at, "
+                "(SELECT COUNT(*) FROM mi_values v WHERE v.run_id = r.id) AS n_values "
+                "FROM mi_runs r WHERE r.trace_id = ? ORDER BY r.id",
                 (int(trace_id),),
-            ).fetchall()
+            ).mappings().fetchall()
         return [
-            MIRunInfo(id=r[0], trace_id=r[1], estimator=r[2], params=json.loads(r[3]),
-                      info=json.loads(r[4] or "{}"), status=r[5], error=r[6],
-                      created_at=r[7], finished_at=r[8], n_values=r[9])
+            MIRunInfo(id=r["id"], trace_id=r["trace_id"], estimator=r["estimator"],
+                      params=json.loads(r["params"]), info=json.loads(r["info"] or "{}"),
+                      status=r["status"], error=r["error"], created_at=r["created_at"],
+                      finished_at=r["finished_at"], n_values=r["n_values"])
             for r in rows
         ]
 
@@ -827,16 +865,16 @@ class Store:
             rows = conn.exec_driver_sql(
                 "SELECT position, value FROM mi_values WHERE run_id = ? ORDER BY position",
                 (int(run_id),),
-            ).fetchall()
-        return {r[0]: r[1] for r in rows}
+            ).mappings().fetchall()
+        return {r["position"]: r["value"] for r in rows}
 
     def mi_details(self, run_id: int) -> dict[int, Any]:
         with self.engine.connect() as conn:
             rows = conn.exec_driver_sql(
                 "SELECT position, detail FROM mi_values WHERE run_id = ? AND detail IS NOT NULL",
                 (int(run_id),),
-            ).fetchall()
-        return {r[0]: json.loads(r[1]) for r in rows}
+            ).mappings().fetchall()
+        return {r["position"]: json.loads(r["detail"]) for r in rows}
 
     def latest_mi(self, trace_id: int) -> dict[str, dict[int, float | None]]:
         """Estimator name -> values of its most recent run on this trace with the model
@@ -885,14 +923,15 @@ class Store:
         again): back to `stopped`, their meta rows removed. Returns their ids."""
         with write_section(), self.engine.begin() as conn:
             rows = conn.exec_driver_sql(
-                "SELECT t.id, m.key FROM meta m JOIN traces t ON m.key = ? || t.uid "
-                "WHERE m.value = (SELECT uid FROM traces WHERE id = ?) "
+                "SELECT t.id AS id, m.key AS key FROM meta m JOIN traces t "
+                "ON m.key = ? || t.uid WHERE m.value = (SELECT uid FROM traces WHERE id = ?) "
                 "AND t.status = 'superseded' ORDER BY t.id",
-                (SUPERSEDED_KEY, int(by))).fetchall()
-            for tid, key in rows:
-                conn.exec_driver_sql("UPDATE traces SET status = 'stopped' WHERE id = ?", (tid,))
-                conn.exec_driver_sql("DELETE FROM meta WHERE key = ?", (key,))
-        return [int(r[0]) for r in rows]
+                (SUPERSEDED_KEY, int(by))).mappings().fetchall()
+            for r in rows:
+                conn.exec_driver_sql("UPDATE traces SET status = 'stopped' WHERE id = ?",
+                                     (r["id"],))
+                conn.exec_driver_sql("DELETE FROM meta WHERE key = ?", (r["key"],))
+        return [int(r["id"]) for r in rows]
 
     def superseded_by(self, trace_id: int) -> int | None:
         """The id of the trace that replaced a superseded trace (None if it is not
@@ -927,11 +966,11 @@ class Store:
         the traces of one model row (what a repeated import of the same line refuses)."""
         with self.engine.connect() as conn:
             rows = conn.exec_driver_sql(
-                "SELECT json_extract(m.value, '$.sha256'), t.id FROM traces t "
-                "JOIN meta m ON m.key = ? || t.uid WHERE t.model_id = ? "
+                "SELECT json_extract(m.value, '$.sha256') AS sha256, t.id AS id "
+                "FROM traces t JOIN meta m ON m.key = ? || t.uid WHERE t.model_id = ? "
                 "AND t.status = 'complete' ORDER BY t.id", (IMPORT_KEY, int(model_id))
-            ).fetchall()
-        return {str(h): int(tid) for h, tid in rows if h is not None}
+            ).mappings().fetchall()
+        return {str(r["sha256"]): int(r["id"]) for r in rows if r["sha256"] is not None}
 
     # ------------------------------------------------------------------ batches and rescoring
     def find_mi_run(self, trace_id: int, estimator: str,
@@ -941,12 +980,13 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.exec_driver_sql(
                 "SELECT id, status FROM mi_runs WHERE trace_id = ? AND estimator = ? AND "
-                "params = ?", (int(trace_id), estimator, canonical_json(params))).fetchone()
+                "params = ?", (int(trace_id), estimator, canonical_json(params))
+            ).mappings().fetchone()
             if row is None:
                 return None
-            done = {r[0] for r in conn.exec_driver_sql(
-                "SELECT position FROM mi_values WHERE run_id = ?", (row[0],))}
-        return int(row[0]), str(row[1]), done
+            done = {r["position"] for r in conn.exec_driver_sql(
+                "SELECT position FROM mi_values WHERE run_id = ?", (row["id"],)).mappings()}
+        return int(row["id"]), str(row["status"]), done
 
     def other_reference(self, trace_id: int) -> tuple[int, str | None, str | None] | None:
         """Another prompt's reference, for the wrong-reference control of an MI estimator:
@@ -955,33 +995,32 @@ class Store:
         whose reference answer differs from this one's; None if there is none."""
         with self.engine.connect() as conn:
             own = conn.exec_driver_sql(
-                "SELECT p.id, p.source_set, p.reference_answer FROM traces t JOIN prompts p "
-                "ON p.id = t.prompt_id WHERE t.id = ?", (int(trace_id),)).fetchone()
+                "SELECT p.id AS id, p.source_set AS source_set, "
+                "p.reference_answer AS reference_answer FROM traces t JOIN prompts p "
+                "ON p.id = t.prompt_id WHERE t.id = ?", (int(trace_id),)).mappings().fetchone()
             if own is None:
                 return None
-            pid, pset, answer = own
+            pid, pset, answer = own["id"], own["source_set"], own["reference_answer"]
             rows = conn.exec_driver_sql(
                 "SELECT id, reference_answer, reference_solution FROM prompts "
                 "WHERE reference_answer IS NOT NULL AND id != ? AND "
-                "(source_set IS ? OR ? IS NULL) ORDER BY id", (pid, pset, pset)).fetchall()
-        rows = [r for r in rows if (r[1] or "").strip() != (answer or "").strip()]
+                "(source_set IS ? OR ? IS NULL) ORDER BY id", (pid, pset, pset)
+            ).mappings().fetchall()
+        rows = [r for r in rows
+                if (r["reference_answer"] or "").strip() != (answer or "").strip()]
         if not rows:
             return None
-        after = [r for r in rows if r[0] > pid]
+        after = [r for r in rows if r["id"] > pid]
         r = (after or rows)[0]
-        return int(r[0]), r[1], r[2]
+        return int(r["id"]), r["reference_answer"], r["reference_solution"]
 
     def model_row(self, model_id: int) -> dict[str, Any] | None:
         """A models row as a dict (None if there is no such row)."""
         with self.engine.connect() as conn:
             row = conn.exec_driver_sql(
                 "SELECT id, name, spec, kind, content_hash, revision, tokenizer_hash, dtype, "
-                "device FROM models WHERE id = ?", (int(model_id),)).first()
-        if row is None:
-            return None
-        keys = ("id", "name", "spec", "kind", "content_hash", "revision", "tokenizer_hash",
-                "dtype", "device")
-        return dict(zip(keys, row, strict=True))
+                "device FROM models WHERE id = ?", (int(model_id),)).mappings().first()
+        return None if row is None else dict(row)
 
     def root_traces(self, *, model_id: int | None = None,
                     source_set: str | None = None) -> list[TraceInfo]:
@@ -1022,18 +1061,19 @@ class Store:
             rows = conn.exec_driver_sql(
                 "SELECT position, logprob, rank, entropy, top FROM token_scores "
                 "WHERE trace_id = ? AND model_id = ? ORDER BY position",
-                (int(trace_id), int(model_id))).fetchall()
-        return [{"position": r[0], "logprob": r[1], "rank": r[2], "entropy": r[3],
-                 "top": None if r[4] is None else json.loads(r[4])} for r in rows]
+                (int(trace_id), int(model_id))).mappings().fetchall()
+        return [{"position": r["position"], "logprob": r["logprob"], "rank": r["rank"],
+                 "entropy": r["entropy"],
+                 "top": None if r["top"] is None else json.loads(r["top"])} for r in rows]
 
     def scored_models(self, trace_id: int) -> dict[int, int]:
         """Model row id -> number of scored positions, for every model that rescored
         this trace."""
         with self.engine.connect() as conn:
             rows = conn.exec_driver_sql(
-                "SELECT model_id, COUNT(*) FROM token_scores WHERE trace_id = ? "
-                "GROUP BY model_id ORDER BY model_id", (int(trace_id),)).fetchall()
-        return {int(r[0]): int(r[1]) for r in rows}
+                "SELECT model_id, COUNT(*) AS n FROM token_scores WHERE trace_id = ? "
+                "GROUP BY model_id ORDER BY model_id", (int(trace_id),)).mappings().fetchall()
+        return {int(r["model_id"]): int(r["n"]) for r in rows}
 
 
 def canonical_json(obj: Any) -> str:
@@ -1284,7 +1324,8 @@ def _export_ids(store: Store, trace_ids: Sequence[int] | None, superseded: bool)
     if not superseded:
         sql += " WHERE status != 'superseded'"
     with store.engine.connect() as conn:
-        return [r[0] for r in conn.exec_driver_sql(sql + " ORDER BY started_at, id")]
+        return [r["id"] for r in conn.exec_driver_sql(sql + " ORDER BY started_at, id")
+                .mappings()]
 
 
 def _export_runs(run: MIRunInfo) -> bool:
@@ -1298,7 +1339,8 @@ def export_columns(store: Store, trace_ids: Sequence[int] | None = None, *,
                    superseded: bool = False) -> list[str]:
     """EXPORT_COLUMNS, then one `mi_<estimator>` column per estimator with an exported
     run on the traces exported (sorted): the header every format writes."""
-    sql = ("SELECT DISTINCT r.estimator FROM mi_runs r JOIN traces t ON t.id = r.trace_id "
+    sql = ("SELECT DISTINCT r.estimator AS estimator FROM mi_runs r "
+           "JOIN traces t ON t.id = r.trace_id "
            "WHERE r.status = 'complete' AND json_type(r.params, '$.model') IS NULL "
            "AND json_type(r.params, '$.control') IS NULL")
     args: tuple[Any, ...] = ()
@@ -1309,7 +1351,7 @@ def export_columns(store: Store, trace_ids: Sequence[int] | None = None, *,
     elif not superseded:
         sql += " AND t.status != 'superseded'"
     with store.engine.connect() as conn:
-        names = [r[0] for r in conn.exec_driver_sql(sql, args)]
+        names = [r["estimator"] for r in conn.exec_driver_sql(sql, args).mappings()]
     return [*EXPORT_COLUMNS, *sorted({export_mi_column(n) for n in names})]
 
 

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from store.db import Store, _check_file, now_iso
+from store.db import Store, _check_file, named_rows, now_iso
 from store.errors import StoreError
 from store.schema import MODEL_KEY, SCHEMA_VERSION
 
@@ -146,13 +146,13 @@ def _upgraded_copy(path: Path, tmp: Path) -> Path:
 
 
 def _columns(con: Any, table: str) -> list[str]:
-    return [r[1] for r in con.execute(f"PRAGMA table_info({table})")]
+    return [r["name"] for r in named_rows(con, f"PRAGMA table_info({table})")]
 
 
 def _rows(con: sqlite3.Connection, table: str, cols: Sequence[str],
           order: str = "") -> list[dict[str, Any]]:
     sql = f"SELECT {', '.join(cols)} FROM {table} {order}"
-    return [dict(zip(cols, r, strict=True)) for r in con.execute(sql)]
+    return [dict(r) for r in named_rows(con, sql)]
 
 
 def _insert(dst: Any, table: str, row: dict[str, Any]) -> int:
@@ -165,9 +165,9 @@ def _insert(dst: Any, table: str, row: dict[str, Any]) -> int:
 def _find(dst: Any, table: str, key: Sequence[str], row: dict[str, Any]) -> int | None:
     # IS, not =: NULL content_hash / source_set must match NULL.
     where = " AND ".join(f"{k} IS ?" for k in key)
-    found = dst.execute(f"SELECT id FROM {table} WHERE {where} ORDER BY id LIMIT 1",
-                        [row[k] for k in key]).fetchone()
-    return None if found is None else int(found[0])
+    found = named_rows(dst, f"SELECT id FROM {table} WHERE {where} ORDER BY id LIMIT 1",
+                       [row[k] for k in key]).fetchone()
+    return None if found is None else int(found["id"])
 
 
 def _merge_keyed(src: sqlite3.Connection, dst: Any, table: str, cols: list[str],
@@ -222,7 +222,7 @@ def _merge_one(src: sqlite3.Connection, dst: Any, s: MergeStats) -> None:
             d += 1
             depth[c] = d
     rows.sort(key=lambda r: (depth[r["id"]], r["id"]))
-    existing = dict(dst.execute("SELECT uid, id FROM traces").fetchall())
+    existing = {r["uid"]: r["id"] for r in named_rows(dst, "SELECT uid, id FROM traces")}
     trace_map: dict[int, int] = {}
     new_traces: list[tuple[int, int]] = []
     token_cols = common("tokens")
@@ -263,21 +263,21 @@ def _merge_mi(src: sqlite3.Connection, dst: Any, s: MergeStats, common: Callable
         row["trace_id"] = trace_map[row["trace_id"]]
         if row.get("model_id") is not None:
             row["model_id"] = model_map[row["model_id"]]
-        found = dst.execute(
-            "SELECT id, status FROM mi_runs WHERE trace_id = ? AND estimator = ? AND params = ?",
-            (row["trace_id"], row["estimator"], row["params"])).fetchone()
+        found = named_rows(
+            dst, "SELECT id, status FROM mi_runs WHERE trace_id = ? AND estimator = ? "
+            "AND params = ?", (row["trace_id"], row["estimator"], row["params"])).fetchone()
         if found is None:
             run_id = _insert(dst, "mi_runs", row)
             s.mi_runs_added += 1
         else:
-            run_id = int(found[0])
-            if found[1] != "complete" and row["status"] == "complete":
+            run_id = int(found["id"])
+            if found["status"] != "complete" and row["status"] == "complete":
                 dst.execute("UPDATE mi_runs SET status = ?, error = ?, info = ?, "
                             "finished_at = ? WHERE id = ?",
                             (row["status"], row["error"], row["info"], row["finished_at"],
                              run_id))
-        values = [(run_id, p, v, d) for p, v, d in src.execute(
-            "SELECT position, value, detail FROM mi_values WHERE run_id = ?", (old,))]
+        values = [(run_id, r["position"], r["value"], r["detail"]) for r in named_rows(
+            src, "SELECT position, value, detail FROM mi_values WHERE run_id = ?", (old,))]
         if values:
             before = dst.total_changes
             dst.executemany("INSERT OR IGNORE INTO mi_values (run_id, position, value, detail) "
@@ -304,10 +304,10 @@ def _merge_scores(src: sqlite3.Connection, dst: Any, s: MergeStats,
 
 def _record(src: sqlite3.Connection, dst: Any, s: MergeStats) -> None:
     """Append this merge to OUT's meta.merged_from (with the input's own history)."""
-    row = dst.execute("SELECT value FROM meta WHERE key = 'merged_from'").fetchone()
-    history = json.loads(row[0]) if row else []
+    row = named_rows(dst, "SELECT value FROM meta WHERE key = 'merged_from'").fetchone()
+    history = json.loads(row["value"]) if row else []
     entry: dict[str, Any] = {"merged_at": now_iso(), **asdict(s)}
-    meta = dict(src.execute("SELECT key, value FROM meta").fetchall())
+    meta = {r["key"]: r["value"] for r in named_rows(src, "SELECT key, value FROM meta")}
     if "created_by" in meta:
         entry["created_by"] = meta["created_by"]
     if "merged_from" in meta:

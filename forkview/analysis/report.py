@@ -46,6 +46,7 @@ from forkview.analysis import overlap as ov
 from forkview.analysis.peaks import TUKEY, PeakRule
 from forkview.text import counted
 from models.types import forkview_version
+from store.db import named_rows
 
 GROUP_ORDER = ("all", "correct", "incorrect", "unknown")
 # Which part of each response is analysed (traces.think_start / think_end / answer_start,
@@ -372,7 +373,8 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
     if settings.span not in SPANS:
         raise ReportError(f"unknown span {settings.span!r} (use {', '.join(SPANS)})",
                           usage=True)
-    models = {int(r[0]): (r[1], r[2]) for r in _fetch(conn, "SELECT id, name, spec FROM models")}
+    models = {int(r["id"]): (r["name"], r["spec"])
+              for r in named_rows(conn, "SELECT id, name, spec FROM models")}
     wanted = _match_models(models, settings.models) if settings.models else set(models)
     sel = _select(conn, settings)
     if not len(sel.ids):
@@ -398,7 +400,7 @@ def _build(conn: Any, settings: ReportSettings, database: str) -> Report:
     setting_of = dict(zip(sel.ids.tolist(), sel.setting, strict=True))
 
     # ---- tokens of every selected trace (one read), keyed by (trace, position)
-    total_traces = int(_fetch(conn, "SELECT COUNT(*) FROM traces")[0][0])
+    total_traces = int(named_rows(conn, "SELECT COUNT(*) AS n FROM traces").fetchone()["n"])
     clause, args = _ids_clause("trace_id", sel.ids, total_traces)
     rows = _fetch(conn, "SELECT trace_id, position, entropy, text FROM tokens" + clause, args)
     tid, pos, ent, text = _columns(rows, 4)
@@ -828,12 +830,14 @@ def _estimator_checks(scorer_ids: list[int], views: dict[int, tuple[np.ndarray, 
 def report_options(store: Any) -> dict[str, list[Any]]:
     """What the filters can choose from: models [(id, name)], sets, estimators."""
     with _snapshot(store) as conn:
-        models = [(int(r[0]), r[1]) for r in _fetch(conn, "SELECT id, name FROM models "
-                                                      "ORDER BY id")]
-        sets = [r[0] for r in _fetch(conn, "SELECT DISTINCT source_set FROM prompts WHERE "
-                                     "source_set IS NOT NULL ORDER BY source_set")]
-        ests = [r[0] for r in _fetch(conn, "SELECT DISTINCT estimator FROM mi_runs WHERE "
-                                     "status = 'complete' ORDER BY estimator")]
+        models = [(int(r["id"]), r["name"])
+                  for r in named_rows(conn, "SELECT id, name FROM models ORDER BY id")]
+        sets = [r["source_set"] for r in named_rows(
+            conn, "SELECT DISTINCT source_set FROM prompts WHERE source_set IS NOT NULL "
+            "ORDER BY source_set")]
+        ests = [r["estimator"] for r in named_rows(
+            conn, "SELECT DISTINCT estimator FROM mi_runs WHERE status = 'complete' "
+            "ORDER BY estimator")]
     return {"models": models, "sets": sets, "estimators": ests}
 
 
