@@ -10,8 +10,9 @@ explorer's warm start, and `forkview mi` with nothing left to compute.
    Llama object (temperature 0, its sampler, no statistics). After one warm-up each,
    they run interleaved with the order rotating every repetition; medians are printed.
    Goal: annotated / plain >= 0.9.
-2. Explorer warm start on the llama.cpp engine: a fresh process runs the explorer
-   headless (Textual's run_test) and reports, from interpreter start, when forkview's
+2. Explorer warm start on the llama.cpp engine: a fresh process starts the model's load
+   as the CLI does (forkview.preload, before the explorer's modules are imported), runs
+   the explorer headless (Textual's run_test) and reports, from interpreter start, when forkview's
    modules are imported, when the app is mounted and when the model is ready (the
    status line shows it). Goal: ready <= 2 s. Run twice; the second run is "warm".
 3. `forkview mi` on a trace whose run is complete: a fresh process, end to end.
@@ -44,11 +45,14 @@ STARTUP = r"""
 import time, sys, json, os
 t0 = time.perf_counter()
 import asyncio
+from forkview import preload  # what `forkview --backend llama.cpp` does first
+pre = preload.start("default", "auto", "auto", "llama.cpp")
 from forkview.app import create_app
 t_import = time.perf_counter()
 marks = {}
 async def main():
-    app = create_app(db_path=os.environ["BENCH_DB"], backend="llama.cpp", mi_estimators=[])
+    app = create_app(db_path=os.environ["BENCH_DB"], backend="llama.cpp", mi_estimators=[],
+                     preload=pre)
     async with app.run_test(size=(100, 30)) as pilot:
         marks["mounted"] = time.perf_counter()
         while app.lm is None:

@@ -67,8 +67,9 @@ class ForkviewApp(App[None]):
                  params: GenerationParams | None = None, browse_only: bool = False,
                  lm: LoadedModel | None = None,
                  open_trace: int | None = None,
-                 mi_estimators: Sequence[str] | None = None) -> None:
+                 mi_estimators: Sequence[str] | None = None, preload: Any = None) -> None:
         super().__init__()
+        self.preload = preload  # forkview.preload.Preload: the model, already loading
         self.store = store
         self.model_spec, self.device, self.dtype = model_spec, device, dtype
         self.backend = backend
@@ -108,13 +109,17 @@ class ForkviewApp(App[None]):
                          daemon=True).start()
 
     def _load_model_thread(self) -> None:
-        """Runs in a thread: the import of torch (hf engine) and the load happen here. Never touches
-        widgets; post_message is thread-safe."""
+        """Runs in a thread: the import of torch (hf engine) and the load happen here
+        (or, preloaded, the wait for it). Never touches widgets; post_message is
+        thread-safe."""
         try:
             from models.engine import load
 
-            lm = load(self.model_spec, self.device, self.dtype, self.backend,
-                      status=lambda text: self.post_message(ModelStatus(text)))
+            if self.preload is not None:
+                lm = self.preload.result()
+            else:
+                lm = load(self.model_spec, self.device, self.dtype, self.backend,
+                          status=lambda text: self.post_message(ModelStatus(text)))
         except ModelError as e:
             self.post_message(ModelFailed(str(e)))
         except Exception as e:  # shown in the app, not as a traceback
@@ -326,7 +331,8 @@ def create_app(*, db_path: str | Path | None = None, model_spec: str = "default"
                device: str = "auto", dtype: str = "auto", backend: str = "hf",
                params: GenerationParams | None = None, browse_only: bool = False,
                lm: LoadedModel | None = None, open_trace: int | None = None,
-               mi_estimators: Sequence[str] | None = None) -> App[None]:
+               mi_estimators: Sequence[str] | None = None,
+               preload: Any = None) -> App[None]:
     """The forkview explorer (or, with browse_only, the trace browser; no model).
 
     `mi_estimators`: the MI estimators computed after each generation and on `m`
@@ -336,4 +342,4 @@ def create_app(*, db_path: str | Path | None = None, model_spec: str = "default"
     return ForkviewApp(store, model_spec=model_spec, device=device, dtype=dtype,
                        backend=backend, params=params, browse_only=browse_only, lm=lm,
                        open_trace=open_trace,
-                       mi_estimators=mi_estimators)
+                       mi_estimators=mi_estimators, preload=preload)

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--by", choices=["correct"], default=None,
                    help="also split by answer correctness")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples of traces for 95%% intervals (default 1000)")
+                   help="bootstrap resamples of prompts for 95%% intervals (default 1000)")
     p.add_argument("--null", type=int, default=1000, metavar="N",
                    help="circular shifts for the null p-values (default 1000)")
     p.add_argument("--seed", type=int, default=0, metavar="S",

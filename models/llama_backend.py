@@ -13,7 +13,11 @@ loaded only then (models/engine.py).
 Deviations from the Hugging Face engine, measured in tests/test_llama_backend.py and
 stated in the README: llama.cpp runs the quantised weights with quantised matmuls, so
 per-token entropies differ from the dequantised transformers model by a few hundredths
-of a nat (TOLERANCE); greedy top-1 tokens agree on the embedded model's test prompts;
+of a nat (mean |ΔH| 0.024-0.050 nats per trace, 0.22 at most, on the embedded model:
+TOLERANCE_MEAN_NATS, TOLERANCE_MAX_NATS), and llama.cpp's batched decode (teacher-forced
+scoring, a fork's prefix) differs from its token-by-token decode by as much, its
+kernels depending on the batch size; greedy top-1 tokens agree on the embedded model's
+test prompt (and diverge on others after 12-52 tokens, at near-ties);
 sampled traces use numpy's generator, so a seed gives a different (equally valid)
 draw than on the Hugging Face engine; N branches are decoded one after the other on
 one sequence rather than as one multi-sequence batch.
@@ -53,9 +57,12 @@ INSTALL_HINT = ("the llama.cpp backend needs llama-cpp-python: install forkview'
 # Largest context allocated by default: the KV cache is allocated up front, and most
 # GGUF files declare far longer contexts than an annotation session uses.
 DEFAULT_MAX_CONTEXT = 8192
-# Measured agreement with the dequantised transformers model on the embedded GGUF
-# (tests/test_llama_backend.py): mean |ΔH| ~0.03 nats, max under this bound.
+# Measured agreement with the dequantised transformers model on the embedded GGUF,
+# the same tokens teacher-forced (tests/test_llama_backend.py, four prompts): mean |ΔH|
+# per trace 0.024-0.050 nats, largest single token 0.22. The tests bound the mean by
+# TOLERANCE_MEAN_NATS and a single token by TOLERANCE_MAX_NATS.
 TOLERANCE_MEAN_NATS = 0.06
+TOLERANCE_MAX_NATS = 0.35
 
 
 def available() -> bool:

@@ -23,17 +23,17 @@ from models.decoding import row_stats, sampling_logits_np
 from models.engine import BACKENDS, for_needs
 from models.errors import ModelError
 from models.generate import _annotate, sampling_logits
+from models.llama_backend import TOLERANCE_MAX_NATS as MAX_DH
+from models.llama_backend import TOLERANCE_MEAN_NATS as MEAN_DH
+from models.llama_backend import available
 from models.types import GenerationParams
 
-HAVE_LLAMA = __import__("models.llama_backend", fromlist=["available"]).available()
+HAVE_LLAMA = available()
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="needs the `llama` extra "
                                  "(llama-cpp-python)")
 
 PROMPTS = ["What is 12 times 7?", "Name three primary colours.",
            "Solve: 3x + 5 = 20. Give x.", "Write a haiku about entropy."]
-MEAN_DH = 0.06  # nats: models.llama_backend.TOLERANCE_MEAN_NATS
-MAX_DH = 0.35
-
 
 # --- numpy statistics == torch statistics ----------------------------------------------
 
@@ -136,7 +136,8 @@ def test_greedy_trace_agrees_with_transformers(llama_lm, real_lm):
     params = GenerationParams(max_new_tokens=48)
     ours = list(stream_annotated(llama_lm, ids, params))
     theirs = list(stream_annotated(real_lm, ids, params))
-    # Same top-1 tokens on this greedy trace (measured: all 64 of 64).
+    # Same top-1 tokens on this greedy trace (measured: all of them, 64 of 64 at 64
+    # tokens; other prompts diverge after 12-52 tokens, at near-ties).
     assert [s.token_id for s in ours] == [s.token_id for s in theirs]
     assert "".join(s.text for s in ours) == "".join(s.text for s in theirs)
     # Entropies of the same tokens, transformers teacher-forced.
