@@ -32,6 +32,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from forkview.errors import UsageError
 from forkview.prompt_sets import PromptItem
 from models.errors import ModelError
 from models.types import GenerationParams, TokenStep
@@ -172,9 +173,9 @@ def plan_jobs(items: Sequence[PromptItem], samples: int,
     """Every prompt × sample, grouped by prompt. Greedy rows carry no seed (there is
     nothing to draw); sampled rows carry their derived seed."""
     if samples < 1:
-        raise ModelError(f"--samples must be at least 1, not {samples}")
+        raise UsageError(f"--samples must be at least 1, not {samples}")
     if samples > 1 and params.greedy:
-        raise ModelError(f"{samples} greedy samples of a prompt would be identical copies; "
+        raise UsageError(f"{samples} greedy samples of a prompt would be identical copies; "
                          "give --temperature T > 0 (or leave it out for T = 1)")
     base = int(params.seed or 0)
     groups = []

@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from forkview.errors import ForkviewError
 from models.types import SAMPLE_TEMPERATURE, GenerationParams, TokenStep
 from store import Store, StoreError, TraceInfo
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 DEFAULT_SAMPLES = 8
 
 
-class ForkError(Exception):
+class ForkError(ForkviewError):
     """A fork request that cannot be honoured; the message is one line for the user."""
 
 
@@ -320,19 +321,12 @@ def replay(lm: LoadedModel, store: Store, trace_id: int,
 
 def family_tree(store: Store, trace_id: int) -> dict[str, Any]:
     """The family of a trace's root as nested dicts (JSON-ready), children by fork
-    position; each node has its id, origin, fork position, forced tokens (text),
-    status, answer and correctness, and length."""
+    position; each node (forkview.trace_json.TREE_NODE) has its id, origin, fork
+    position, forced tokens, status, answer and correctness, and length."""
+    from forkview.trace_json import TREE_NODE, trace_to_json
+
     members = store.family(trace_id)
-    nodes: dict[int, dict[str, Any]] = {}
-    for t in members:
-        nodes[t.id] = {
-            "trace_id": t.id, "uid": t.uid, "origin": t.origin,
-            "parent_trace_id": t.parent_trace_id, "fork_position": t.fork_position,
-            "forced_token_ids": t.forced_token_ids, "status": t.status,
-            "stop_reason": t.stop_reason, "n_tokens": t.n_tokens, "answer": t.answer,
-            "correct": t.correct, "model": t.model_name, "text": t.text,
-            "children": [],
-        }
+    nodes = {t.id: trace_to_json(t, TREE_NODE, children=[]) for t in members}
     root = None
     for t in members:
         if t.parent_trace_id is None or t.parent_trace_id not in nodes:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from forkview.errors import ForkviewError, UsageError
 from models.errors import ModelError, one_line
 from store import Store, StoreError, TraceInfo
 
@@ -41,9 +42,9 @@ def trace_data(store: Store, trace_id: int) -> TraceData:
     # MI values line up with positions as every other trace's do.
     tokens = store.full_tokens(trace_id)
     if not tokens:
-        raise ModelError(f"trace {trace_id} has no tokens")
+        raise StoreError(f"trace {trace_id} has no tokens")
     if info.status == "running":
-        raise ModelError(f"trace {trace_id} is still running")
+        raise StoreError(f"trace {trace_id} is still running")
     return TraceData(
         prompt_ids=info.prompt_token_ids,
         token_ids=[t.token_id for t in tokens],
@@ -65,7 +66,7 @@ def resolve_positions(spec: str | Sequence[int] | None, default: str,
         spec = default
     if isinstance(spec, str):
         if spec == "categories":
-            raise ModelError("positions 'categories' are drawn per trace from a stored MI "
+            raise UsageError("positions 'categories' are drawn per trace from a stored MI "
                              "run: use forkview mi --positions categories --peaks-from NAME")
         if spec == "all":
             return list(range(n))
@@ -76,12 +77,12 @@ def resolve_positions(spec: str | Sequence[int] | None, default: str,
         try:
             spec = [int(p) for p in spec.split(",") if p.strip()]
         except ValueError:
-            raise ModelError(
+            raise UsageError(
                 f"bad positions '{spec}': use all, stratified or a list like 0,5,9"
             ) from None
     bad = [p for p in spec if not 0 <= p < n]
     if bad:
-        raise ModelError(f"position {bad[0]} is out of range (the trace has {n} tokens, "
+        raise ForkviewError(f"position {bad[0]} is out of range (the trace has {n} tokens, "
                          f"positions 0..{n - 1})")
     return sorted(set(spec))
 
@@ -167,11 +168,11 @@ def wrong_reference(store: Store, trace_id: int, estimator: Estimator,
     import dataclasses
 
     if "reference" not in estimator.needs:
-        raise ModelError(f"the wrong-reference control needs a reference-based estimator "
+        raise UsageError(f"the wrong-reference control needs a reference-based estimator "
                          f"(hsic, answer-gain), not {estimator.name}")
     other = store.other_reference(trace_id)
     if other is None:
-        raise ModelError(f"trace {trace_id}: no other prompt with a different reference "
+        raise StoreError(f"trace {trace_id}: no other prompt with a different reference "
                          "answer to use as the wrong reference")
     pid, answer, solution = other
     swapped = dataclasses.replace(data, reference_answer=answer, reference_solution=solution)
@@ -185,7 +186,7 @@ def bandwidth_variant(estimator: Estimator) -> tuple[Estimator, dict[str, Any]]:
     from models.estimators import get_estimator
 
     if estimator.name != "hsic":
-        raise ModelError(f"the bandwidth control is for hsic, not {estimator.name}")
+        raise UsageError(f"the bandwidth control is for hsic, not {estimator.name}")
     other = 50.0 if estimator.params.get("bandwidth") == "median" else "median"
     return (get_estimator("hsic", {**estimator.params, "bandwidth": other}),
             {"control": "bandwidth"})
@@ -200,7 +201,7 @@ def _planned(store: Store, trace_id: int, estimator: Estimator, data: TraceData,
     elif control == "wrong-reference":
         data, extra = wrong_reference(store, trace_id, estimator, data)
     elif control is not None:
-        raise ModelError(f"unknown control {control!r} (use {', '.join(CONTROLS)})")
+        raise UsageError(f"unknown control {control!r} (use {', '.join(CONTROLS)})")
     return estimator, data, extra
 
 
@@ -287,7 +288,7 @@ def run_estimator(
     estimator.cancel = cancel
     if budget is not None:
         if not hasattr(estimator, "budget"):
-            raise ModelError(f"a token budget is for the rollout estimator, not {estimator.name}")
+            raise UsageError(f"a token budget is for the rollout estimator, not {estimator.name}")
         estimator.budget = budget  # type: ignore[attr-defined]
     extra_details = position_details or {}
     try:
@@ -398,7 +399,7 @@ def _prepare(store: Store, job: MIJob, control: str | None, superseded: bool,
         data = trace_data(store, job.trace_id)  # refuses running and empty traces
         estimator, data, extra = _planned(store, job.trace_id, estimator, data, control)
         resolve_positions(job.positions, estimator.default_positions, data.entropies)
-    except (ModelError, StoreError) as e:
+    except (ModelError, StoreError, ForkviewError) as e:
         return _Plan(one_line(e), estimator)
     check = getattr(estimator, "check", None)  # an Estimator's; a duck-typed one may lack it
     return _Plan(check(data) if check is not None else None, estimator, data, extra)
@@ -444,10 +445,10 @@ def run_many(
       "done"; a stopped or failed one is resumed by `run_estimator`.
 
     Then each remaining job runs (`run_estimator`, with `control`, `budget` and
-    `cancel`); a ModelError or StoreError in one is that job's "failed" outcome and the
-    others go on: one trace never stops the rest. `cancel` set, or `budget` exhausted,
-    ends it between jobs (`interrupted` when cancelled). KeyboardInterrupt propagates,
-    with what was computed stored.
+    `cancel`); a ModelError, StoreError or ForkviewError in one is that job's "failed"
+    outcome and the others go on: one trace never stops the rest. `cancel` set, or
+    `budget` exhausted, ends it between jobs (`interrupted` when cancelled).
+    KeyboardInterrupt propagates, with what was computed stored.
 
     Callers keep their own output through the callbacks: `on_outcome` as each job is
     decided (skipped and done first, then each run as it ends), `on_start` once with
@@ -496,7 +497,7 @@ def run_many(
                 cancel=cancel, progress=progress, control=control,
                 extra_params=job.extra_params, position_details=job.position_details,
                 budget=budget, status=on_status)
-        except (ModelError, StoreError) as e:
+        except (ModelError, StoreError, ForkviewError) as e:
             decide(MIOutcome(job, "failed", one_line(e)))
             continue
         decide(MIOutcome(job, summary.status, summary=summary))

@@ -29,8 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from forkview.errors import UsageError
 from models.errors import ModelError
-from store import Store, TraceInfo
+from store import Store, StoreError, TraceInfo
 
 if TYPE_CHECKING:
     from models.estimators import Estimator
@@ -55,16 +56,16 @@ def select_traces(store: Store, *, trace_ids: Sequence[int] = (), set_name: str 
         infos = [store.trace(t) for t in trace_ids]
         for info in infos:
             if info.status == "running":
-                raise ModelError(f"trace {info.id} is still running; rescore it when it ends")
+                raise StoreError(f"trace {info.id} is still running; rescore it when it ends")
         return infos
     if set_name is not None:
         infos = store.root_traces(source_set=set_name)
         if not infos:
-            raise ModelError(f"no traces from prompt set '{set_name}' in {store.path}")
+            raise StoreError(f"no traces from prompt set '{set_name}' in {store.path}")
     elif all_traces:
         infos = store.root_traces()
     else:
-        raise ModelError("nothing to rescore: name traces, a set or --all")
+        raise UsageError("nothing to rescore: name traces, a set or --all")
     return [t for t in infos if t.status != "running"]
 
 

@@ -16,8 +16,8 @@ from forkview.batch import (
     with_set,
 )
 from forkview.cli import main
+from forkview.errors import UsageError
 from forkview.prompt_sets import PromptItem, read_prompt_file
-from models.errors import ModelError
 from models.types import GenerationParams
 from store import Store
 
@@ -39,7 +39,7 @@ def test_seeds_are_derived_and_distinct():
 
 
 def test_greedy_copies_are_refused():
-    with pytest.raises(ModelError, match="identical copies"):
+    with pytest.raises(UsageError, match="identical copies"):
         plan_jobs(ITEMS, 2, GenerationParams(temperature=0.0))
     (group,) = plan_jobs(ITEMS[:1], 1, GenerationParams(temperature=0.0))
     assert group[0].params.seed is None

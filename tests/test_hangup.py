@@ -11,7 +11,7 @@ Before the fix, 5 of 15 closes of a terminal where browse had been typed into a 
 daemon) spun on the hung-up terminal after the app had stopped (restarted by the
 SIGCONT that follows a hangup), or its writer thread had died on EIO and the app
 blocked writing to it; KeyboardInterrupt raised by SIGHUP inside Textual's loop could
-cut its cleanup short too (see forkview.app and forkview.cli._run_tui).
+cut its cleanup short too (see forkview.app and forkview.cli.tui.run_tui).
 """
 
 from __future__ import annotations

@@ -58,7 +58,11 @@ LAYERS = {
     "forkview.pipeline": ("textual", "forkview.ui", "forkview.app"),
     "forkview.rescore": ("textual", "forkview.ui", "forkview.app"),
     "forkview.prompt_sets": ("textual", "forkview.ui", "forkview.app"),
-    "forkview.report_cmd": ("textual", "torch", "forkview.ui", "forkview.app"),
+    # the command line: `forkview --help` and the read-only commands never load torch or
+    # Textual at import (each command imports what it needs when it runs)
+    "forkview.cli": ("textual", "torch", "transformers", "numpy"),
+    "forkview.errors": ("textual", "torch", "models", "store", "forkview.cli"),
+    "forkview.trace_json": ("textual", "torch", "numpy", "forkview.cli"),
     "forkview.text": ("textual", "torch", "numpy"),
     # `forkview figure`: rich alone draws it, with the explorer's colours from the scale,
     # which is pure Rich (the one definition of the colours, shared with the explorer)

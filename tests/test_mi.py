@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from forkview.cli import main
+from forkview.errors import ForkviewError, UsageError
 from forkview.mi import resolve_positions, run_estimator, trace_data
 from forkview.pipeline import annotate_prompt
 from models.errors import ModelError
@@ -47,9 +48,9 @@ def test_positions():
     assert resolve_positions("all", "all", ent) == [0, 1, 2, 3, 4]
     assert resolve_positions("3,1,1", "all", ent) == [1, 3]
     assert resolve_positions(None, "all", ent) == [0, 1, 2, 3, 4]
-    with pytest.raises(ModelError, match="position 5 is out of range"):
+    with pytest.raises(ForkviewError, match="position 5 is out of range"):
         resolve_positions("5", "all", ent)
-    with pytest.raises(ModelError, match="bad positions"):
+    with pytest.raises(UsageError, match="bad positions"):
         resolve_positions("x,y", "all", ent)
 
 

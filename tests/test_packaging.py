@@ -94,7 +94,7 @@ def test_packages_inside(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         sizes = {i.filename: i.file_size for i in z.infolist()}
-    for module in ("forkview/__init__.py", "forkview/__main__.py", "forkview/cli.py",
+    for module in ("forkview/__init__.py", "forkview/__main__.py", "forkview/cli/__init__.py",
                    "models/__init__.py", "models/loading.py",
                    "store/__init__.py", "store/db.py", "forkview/ui/app.tcss"):
         assert module in names, module

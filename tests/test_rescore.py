@@ -12,9 +12,8 @@ import pytest
 from forkview.cli import main
 from forkview.pipeline import annotate_prompt
 from forkview.rescore import rescore, select_traces
-from models.errors import ModelError
 from models.types import GenerationParams
-from store import Store
+from store import Store, StoreError
 from tests.tiny import build_tiny_model_dir
 
 PARAMS = GenerationParams(max_new_tokens=10, temperature=1.0, seed=3, top_alternatives=4)
@@ -146,7 +145,7 @@ def test_selection(tiny_lm, db_path):
     assert [t.id for t in select_traces(store, set_name="toy")] == ids
     assert [t.id for t in select_traces(store, all_traces=True)] == ids
     assert [t.id for t in select_traces(store, trace_ids=[ids[1]])] == [ids[1]]
-    with pytest.raises(ModelError, match="no traces from prompt set 'nope'"):
+    with pytest.raises(StoreError, match="no traces from prompt set 'nope'"):
         select_traces(store, set_name="nope")
 
 

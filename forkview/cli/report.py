@@ -1,7 +1,7 @@
-"""`forkview report`: its options and its body, kept out of cli.py.
+"""`forkview report`: its options and its body.
 
 Importing this module is cheap (argparse only): `forkview --help` builds the parser
-with `add_arguments`, and numpy, the store and the statistics load only when a report
+with `add_report`, and numpy, the store and the statistics load only when a report
 is made. Never torch: a report needs no model.
 """
 
@@ -14,14 +14,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from forkview.cli.parser import db_option
+from forkview.errors import ForkviewError, UsageError
+
 FORMATS = ("md", "html", "json", "csv", "latex")
 PEAK_RULES = ("tukey", "topk", "topr")
 DEFAULT_PEAK_PARAM = {"tukey": 1.5, "topk": 20, "topr": 0.2}
 SPANS = ("all", "think", "answer")  # forkview.analysis.report.SPANS (not imported: cheap)
 
 
+def add_report(sub: Any) -> None:
+    rep = sub.add_parser("report", help="overlap report: high-entropy tokens against MI "
+                         "peaks per model x estimator (md, html, json, csv)")
+    db_option(rep)
+    add_arguments(rep)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The report's options (cli.py adds --db)."""
+    """The report's options besides --db."""
     p.add_argument("--model", dest="report_models", action="append", default=[],
                    metavar="SPEC", help="only this model: its row id, or a name or spec substring "
                    "(repeatable; default: every model with tokens in the selection)")
@@ -67,30 +77,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
 
 
-class ReportUsage(Exception):
-    """A bad option value (exit 2)."""
-
-
 def settings_from_args(args: argparse.Namespace) -> Any:
-    """ReportSettings from the options, every value checked (ReportUsage when bad)."""
+    """ReportSettings from the options, every value checked (UsageError when bad)."""
     from forkview.analysis.overlap import EntropyRule
     from forkview.analysis.peaks import PeakRule
     from forkview.analysis.report import ReportSettings
 
     if not (0 < args.rho < 1):
-        raise ReportUsage(f"--rho must be in (0, 1), got {args.rho:g}")
+        raise UsageError(f"--rho must be in (0, 1), got {args.rho:g}")
     if args.entropy_threshold is not None and not math.isfinite(args.entropy_threshold):
-        raise ReportUsage("--entropy-threshold must be a number")
+        raise UsageError("--entropy-threshold must be a number")
     param = DEFAULT_PEAK_PARAM[args.peaks] if args.peak_param is None else args.peak_param
     if not math.isfinite(param) or param < 0:
-        raise ReportUsage(f"--peak-param must be a non-negative number, got {param:g}")
+        raise UsageError(f"--peak-param must be a non-negative number, got {param:g}")
     if args.peaks == "topk" and (param < 1 or param != int(param)):
-        raise ReportUsage(f"--peak-param for topk is a whole number k >= 1, got {param:g}")
+        raise UsageError(f"--peak-param for topk is a whole number k >= 1, got {param:g}")
     if args.peaks == "topr" and not (0 < param < 1):
-        raise ReportUsage(f"--peak-param for topr is a share in (0, 1), got {param:g}")
+        raise UsageError(f"--peak-param for topr is a share in (0, 1), got {param:g}")
     for name in ("bootstrap", "null", "top_tokens"):
         if getattr(args, name) < 0:
-            raise ReportUsage(f"--{name.replace('_', '-')} must be at least 0")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 0")
     entropy = (EntropyRule("threshold", args.rho, args.entropy_threshold)
                if args.entropy_threshold is not None
                else EntropyRule(args.entropy_scope, args.rho))
@@ -118,8 +124,8 @@ def check_output(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The command. ReportUsage -> exit 2; ReportError (usage) -> 2, else 1; StoreError
-    and OSError are cli.py's (exit 1)."""
+    """The report itself, once the options are checked; StoreError and OSError go to
+    `main` (exit 1)."""
     settings = settings_from_args(args)
     if args.output:
         check_output(args.output)
@@ -148,3 +154,12 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from forkview.analysis.report import ReportError
+
+    try:
+        return run(args)
+    except ReportError as e:  # a bad request (exit 2) or nothing to report on (exit 1)
+        raise (UsageError if e.usage else ForkviewError)(str(e)) from None
