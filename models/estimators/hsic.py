@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
-import numpy as np
-
 from models.errors import ModelError
 from models.estimators.base import (
     REFERENCES,
@@ -59,6 +57,9 @@ class HsicEstimator(Estimator):
         return missing_reference(trace, self.params["reference"])
 
     def run(self, lm: Any, trace: TraceData, positions: Sequence[int]) -> Iterator[EstimatorChunk]:
+        # numpy and torch are imported here, not with the registry: listing estimators
+        # (the explorer's start, `forkview --help`) needs neither.
+        import numpy as np
         import torch
 
         from models.generate import HiddenCapture, score_tokens
