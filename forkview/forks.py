@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from forkview.errors import ForkviewError
@@ -319,20 +319,47 @@ def replay(lm: LoadedModel, store: Store, trace_id: int,
 # ---------------------------------------------------------------- tree
 
 
-def family_tree(store: Store, trace_id: int) -> dict[str, Any]:
-    """The family of a trace's root as nested dicts (JSON-ready), children by fork
-    position; each node (forkview.trace_json.TREE_NODE) has its id, origin, fork
-    position, forced tokens, status, answer and correctness, and length."""
+@dataclass
+class FamilyNode:
+    """One trace of a family (`forkview tree`, the tree screen): the fields of
+    forkview.trace_json.TREE_NODE, children ordered as stored (by fork position)."""
+
+    trace_id: int
+    uid: str
+    origin: str
+    parent_trace_id: int | None
+    fork_position: int | None
+    forced_token_ids: list[int] | None
+    status: str
+    stop_reason: str | None
+    n_tokens: int
+    answer: str | None
+    correct: bool | None
+    model: str
+    text: str
+    children: list[FamilyNode] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """`forkview tree --json`: TREE_NODE's keys in their order, children nested."""
+        from forkview.trace_json import TREE_NODE
+
+        return {k: ([c.to_json() for c in self.children] if k == "children"
+                    else getattr(self, k)) for k in TREE_NODE}
+
+
+def family_tree(store: Store, trace_id: int) -> FamilyNode:
+    """The family of a trace's root, children by fork position; each node has its id,
+    origin, fork position, forced tokens, status, answer and correctness, and length."""
     from forkview.trace_json import TREE_NODE, trace_to_json
 
     members = store.family(trace_id)
-    nodes = {t.id: trace_to_json(t, TREE_NODE, children=[]) for t in members}
+    nodes = {t.id: FamilyNode(**trace_to_json(t, TREE_NODE, children=[])) for t in members}
     root = None
     for t in members:
         if t.parent_trace_id is None or t.parent_trace_id not in nodes:
             root = nodes[t.id] if root is None else root
         else:
-            nodes[t.parent_trace_id]["children"].append(nodes[t.id])
+            nodes[t.parent_trace_id].children.append(nodes[t.id])
     if root is None:
         raise StoreError(f"no trace with id {trace_id}")
     return root

@@ -202,9 +202,10 @@ def test_sampled_branches_and_branches_of_branches(tiny_lm, parent):
     assert store.ancestors(grand.trace_id)[0].id == tid
     assert store.root_id(grand.trace_id) == tid
     tree = forks.family_tree(store, grand.trace_id)
-    assert tree["trace_id"] == tid and len(tree["children"]) == 5
-    node = next(c for c in tree["children"] if c["trace_id"] == kept[0].trace_id)
-    assert [g["trace_id"] for g in node["children"]] == [grand.trace_id]
+    assert tree.trace_id == tid and len(tree.children) == 5
+    node = next(c for c in tree.children if c.trace_id == kept[0].trace_id)
+    assert [g.trace_id for g in node.children] == [grand.trace_id]
+    assert tree.to_json()["children"][0]["trace_id"] == tree.children[0].trace_id
 
 
 @pytest.mark.parametrize("origin", ["root", "fork", "sample"])

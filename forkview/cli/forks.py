@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forkview.cli.common import status_line
 from forkview.cli.parser import db_option, float_range, positive_int, trace_model_options
 from forkview.errors import EXIT_INTERRUPTED, UsageError
 from forkview.trace_json import BRANCH, trace_to_json
+
+if TYPE_CHECKING:
+    from forkview.forks import FamilyNode
 
 
 def add_fork(sub: Any) -> None:
@@ -139,34 +142,34 @@ def cmd_fork(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tree_lines(node: dict[str, Any], show_rollouts: bool, prefix: str = "",
+def _tree_lines(node: FamilyNode, show_rollouts: bool, prefix: str = "",
                 last: bool = True, top: bool = True) -> list[str]:
     from models.answers import is_cut_off
 
-    mark = {True: "✓", False: "✗", None: ""}[node["correct"]]
-    answer = f"answer {node['answer']!r}{mark}" if node["answer"] is not None else "no answer"
-    if node["answer"] is None and is_cut_off(node.get("stop_reason")):
+    mark = {True: "✓", False: "✗", None: ""}[node.correct]
+    answer = f"answer {node.answer!r}{mark}" if node.answer is not None else "no answer"
+    if node.answer is None and is_cut_off(node.stop_reason):
         answer = "no answer (cut off)"  # models.answers.accept_answer: never scored
     if top:
-        head = f"#{node['trace_id']} {node['origin']} {node['status']}"
+        head = f"#{node.trace_id} {node.origin} {node.status}"
     else:
-        forced = node["forced_token_ids"]
+        forced = node.forced_token_ids
         how = ("resampled" if forced == [] else f"forced {len(forced or [])} token(s)")
-        head = f"@{node['fork_position']} #{node['trace_id']} {node['origin']} ({how}) " \
-               f"{node['status']}"
-    text = " ".join(node["text"].split())
-    line = f"{head}  {node['n_tokens']} tok  {answer}  {text[:40]!r}"
+        head = f"@{node.fork_position} #{node.trace_id} {node.origin} ({how}) " \
+               f"{node.status}"
+    text = " ".join(node.text.split())
+    line = f"{head}  {node.n_tokens} tok  {answer}  {text[:40]!r}"
     out = [line if top else prefix + ("└─ " if last else "├─ ") + line]
     child_prefix = "" if top else prefix + ("   " if last else "│  ")
-    kids = node["children"]
-    rollouts = [k for k in kids if k["origin"] == "rollout"]
-    shown = kids if show_rollouts else [k for k in kids if k["origin"] != "rollout"]
+    kids = node.children
+    rollouts = [k for k in kids if k.origin == "rollout"]
+    shown = kids if show_rollouts else [k for k in kids if k.origin != "rollout"]
     extra = []
     if rollouts and not show_rollouts:
-        positions = sorted({k["fork_position"] for k in rollouts})
+        positions = sorted({k.fork_position for k in rollouts})
         answers: dict[Any, int] = {}
         for k in rollouts:
-            answers[k["answer"]] = answers.get(k["answer"], 0) + 1
+            answers[k.answer] = answers.get(k.answer, 0) + 1
         common = ", ".join(f"{a!r}×{n}" for a, n in
                            sorted(answers.items(), key=lambda kv: -kv[1])[:4])
         extra.append(f"{len(rollouts)} rollout continuations at {len(positions)} positions "
@@ -186,7 +189,7 @@ def cmd_tree(args: argparse.Namespace) -> int:
     store = Store.open(args.db, readonly=True)
     tree = family_tree(store, args.trace)
     if args.json:
-        json.dump(tree, sys.stdout, ensure_ascii=False, indent=1)
+        json.dump(tree.to_json(), sys.stdout, ensure_ascii=False, indent=1)
         sys.stdout.write("\n")
         return 0
     print("\n".join(_tree_lines(tree, args.rollouts)))

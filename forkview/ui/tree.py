@@ -24,6 +24,7 @@ from textual.widgets import Footer, Label, Static, Tree
 from textual.widgets.tree import TreeNode
 
 from forkview import forks
+from forkview.forks import FamilyNode
 from forkview.ui.compare import CompareScreen
 from forkview.ui.family_text import FullTokens, forced_label
 from forkview.ui.fork_queue import answer_name, mark
@@ -39,7 +40,7 @@ class RolloutGroup:
 
     parent_id: int
     position: int
-    nodes: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[FamilyNode] = field(default_factory=list)
     filled: bool = False
 
     @property
@@ -158,16 +159,16 @@ class TreeScreen(Screen[int | None]):
             self.query_one("#tree-title", Label).update(f"no family: {e}")
             tree.clear()
             return
-        self.root_id = family["trace_id"]
+        self.root_id = family.trace_id
         self._open_group_of(family, cursor)
         self._parent_steps.clear()
         self.trace_nodes.clear()
         tree.clear()
         tree.root.set_label(self._label(family, root=True))
-        tree.root.data = family["trace_id"]
-        self.trace_nodes[family["trace_id"]] = tree.root
+        tree.root.data = family.trace_id
+        self.trace_nodes[family.trace_id] = tree.root
         tree.root.expand()
-        tree.root.allow_expand = bool(family["children"])
+        tree.root.allow_expand = bool(family.children)
         self._add_children(tree.root, family)
         counts = self._counts(family)
         self.query_one("#tree-title", Label).update(
@@ -179,37 +180,37 @@ class TreeScreen(Screen[int | None]):
         if node is not None:
             self.call_after_refresh(tree.move_cursor, node)
 
-    def _open_group_of(self, family: dict[str, Any], key: Any) -> None:
+    def _open_group_of(self, family: FamilyNode, key: Any) -> None:
         """A rollout under the cursor (e.g. the trace the explorer shows): open its group."""
         stack = [family]
         while stack and isinstance(key, int):
             node = stack.pop()
-            if node["trace_id"] == key:
-                if node["origin"] == "rollout" and node["parent_trace_id"] is not None:
-                    self.expanded_groups.add((node["parent_trace_id"],
-                                              node["fork_position"] or 0))
+            if node.trace_id == key:
+                if node.origin == "rollout" and node.parent_trace_id is not None:
+                    self.expanded_groups.add((node.parent_trace_id,
+                                              node.fork_position or 0))
                 return
-            stack.extend(node["children"])
+            stack.extend(node.children)
 
-    def _counts(self, node: dict[str, Any]) -> dict[str, int]:
+    def _counts(self, node: FamilyNode) -> dict[str, int]:
         counts = {"branch": 0, "rollout": 0}
-        stack = list(node["children"])
+        stack = list(node.children)
         while stack:
             n = stack.pop()
-            counts["rollout" if n["origin"] == "rollout" else "branch"] += 1
-            stack.extend(n["children"])
+            counts["rollout" if n.origin == "rollout" else "branch"] += 1
+            stack.extend(n.children)
         return counts
 
-    def _add_children(self, parent: TreeNode[NodeData], node: dict[str, Any]) -> None:
-        groups: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    def _add_children(self, parent: TreeNode[NodeData], node: FamilyNode) -> None:
+        groups: dict[int, list[FamilyNode]] = defaultdict(list)
         items: list[tuple[int, int, int, Any]] = []
-        for child in node["children"]:
-            if child["origin"] == "rollout":
-                groups[child["fork_position"] or 0].append(child)
+        for child in node.children:
+            if child.origin == "rollout":
+                groups[child.fork_position or 0].append(child)
             else:
-                items.append((child["fork_position"] or 0, 0, child["trace_id"], child))
+                items.append((child.fork_position or 0, 0, child.trace_id, child))
         for pos, members in groups.items():
-            items.append((pos, 1, 0, RolloutGroup(node["trace_id"], pos, members)))
+            items.append((pos, 1, 0, RolloutGroup(node.trace_id, pos, members)))
         for _pos, kind, _id, item in sorted(items, key=lambda t: t[:3]):
             if kind == 0:
                 self._add_trace(parent, item)
@@ -219,21 +220,21 @@ class TreeScreen(Screen[int | None]):
                     self._fill_group(group)
                     group.expand()
 
-    def _add_trace(self, parent: TreeNode[NodeData], node: dict[str, Any]) -> None:
+    def _add_trace(self, parent: TreeNode[NodeData], node: FamilyNode) -> None:
         label = self._label(node)
-        if node["children"]:
-            child = parent.add(label, data=node["trace_id"], expand=True)
+        if node.children:
+            child = parent.add(label, data=node.trace_id, expand=True)
             self._add_children(child, node)
         else:
-            child = parent.add_leaf(label, data=node["trace_id"])
-        self.trace_nodes[node["trace_id"]] = child
+            child = parent.add_leaf(label, data=node.trace_id)
+        self.trace_nodes[node.trace_id] = child
 
     def _fill_group(self, tree_node: TreeNode[NodeData]) -> None:
         group = tree_node.data
         if not isinstance(group, RolloutGroup) or group.filled:
             return
         group.filled = True
-        for node in sorted(group.nodes, key=lambda n: n["trace_id"]):
+        for node in sorted(group.nodes, key=lambda n: n.trace_id):
             self._add_trace(tree_node, node)
 
     @on(Tree.NodeExpanded)
@@ -248,13 +249,13 @@ class TreeScreen(Screen[int | None]):
             self.expanded_groups.discard(event.node.data.key)
 
     # ---------------------------------------------------------------- labels
-    def forced_text(self, node: dict[str, Any]) -> str:
-        return forced_label(self.store, node["trace_id"], node["parent_trace_id"],
-                            node["fork_position"], node["forced_token_ids"],
+    def forced_text(self, node: FamilyNode) -> str:
+        return forced_label(self.store, node.trace_id, node.parent_trace_id,
+                            node.fork_position, node.forced_token_ids,
                             self._parent_steps)
 
-    def _label(self, node: dict[str, Any], root: bool = False) -> Text:
-        tid = node["trace_id"]
+    def _label(self, node: FamilyNode, root: bool = False) -> Text:
+        tid = node.trace_id
         text = Text(no_wrap=True, overflow="ellipsis")
         if self.marked == tid:
             text.append("◆ ", style="bold magenta")
@@ -262,18 +263,18 @@ class TreeScreen(Screen[int | None]):
         if root:
             text.append(" root", style="dim")
         else:
-            text.append(f" @{node['fork_position']}", style="bold")
+            text.append(f" @{node.fork_position}", style="bold")
             forced = self.forced_text(node)
             if forced:
                 text.append(f" {forced}", style="italic" if forced == "resampled" else "")
-            text.append(f" {node['origin']}", style="dim")
+            text.append(f" {node.origin}", style="dim")
         text.append(" · ")
-        text.append(node["status"], style=STATUS_STYLE.get(node["status"], ""))
-        text.append(f" · {node['n_tokens']} tok · ")
-        answer = node["answer"]
+        text.append(node.status, style=STATUS_STYLE.get(node.status, ""))
+        text.append(f" · {node.n_tokens} tok · ")
+        answer = node.answer
         text.append(f"answer {answer_name(answer)}" if answer is not None else "no answer",
                     style="" if answer is not None else "dim")
-        correct = node["correct"]
+        correct = node.correct
         text.append(mark(correct), style="bold green" if correct else "bold red")
         return text
 
@@ -282,7 +283,7 @@ class TreeScreen(Screen[int | None]):
         n = len(group.nodes)
         answers: dict[str, int] = defaultdict(int)
         for node in group.nodes:
-            answers[answer_name(node["answer"])] += 1
+            answers[answer_name(node.answer)] += 1
         top = sorted(answers.items(), key=lambda kv: -kv[1])[:3]
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(f"@{group.position} ", style="bold")
