@@ -4,8 +4,8 @@ CPU, without torch.
 What it provides (`CAPABILITIES`): annotated decoding ("step": entropy over the full
 vocabulary, log-prob, rank and top-k from each step's logits, sampling with the same
 temperature / top-k / top-p semantics), branches from a shared prefix ("branches": the
-prefix is decoded once and each branch reuses its KV cache, the cache being cut back to
-the fork point between branches) and teacher-forced scoring ("score": one batched
+prefix is decoded once; N branches are N sequences sharing its KV cells in one unified
+cache, decoded one token each per batch) and teacher-forced scoring ("score": one batched
 decode with logits for every position). It has no hidden states before the final norm:
 estimators that need them (hsic) run through the Hugging Face engine on the same file,
 loaded only then (models/engine.py).
@@ -19,8 +19,9 @@ scoring, a fork's prefix) differs from its token-by-token decode by as much, its
 kernels depending on the batch size; greedy top-1 tokens agree on the embedded model's
 test prompt (and diverge on others after 12-52 tokens, at near-ties);
 sampled traces use numpy's generator, so a seed gives a different (equally valid)
-draw than on the Hugging Face engine; N branches are decoded one after the other on
-one sequence rather than as one multi-sequence batch.
+draw than on the Hugging Face engine; a branch grown in a batch may draw differently
+from the same branch grown alone where the batch's rounding moves a near-tie (as on
+the Hugging Face engine; each row has its own seeded generator).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ INSTALL_HINT = ("the llama.cpp backend needs llama-cpp-python: install forkview'
 # Largest context allocated by default: the KV cache is allocated up front, and most
 # GGUF files declare far longer contexts than an annotation session uses.
 DEFAULT_MAX_CONTEXT = 8192
+# Sequences one context holds: branches grown together in one batch (more are grown in
+# groups of this size).
+MAX_SEQUENCES = 16
 # Measured agreement with the dequantised transformers model on the embedded GGUF,
 # the same tokens teacher-forced (tests/test_llama_backend.py, four prompts): mean |ΔH|
 # per trace 0.024-0.050 nats, largest single token 0.22. The tests bound the mean by
@@ -219,6 +223,23 @@ def _file_type(meta: dict[str, Any]) -> str:
     return "gguf"
 
 
+def _multi_sequence(llm: Any) -> None:
+    """Give the Llama a context that holds MAX_SEQUENCES sequences in one unified KV
+    cache (llama-cpp-python makes single-sequence contexts): N branches from one prefix
+    share its cells (a sequence copy adds ids, it copies nothing) and decode as one
+    batch. Same memory as before: the cache still has n_ctx cells in all."""
+    import llama_cpp
+    from llama_cpp import _internals
+
+    params = llm.context_params
+    params.n_seq_max = min(MAX_SEQUENCES, int(llama_cpp.llama_max_parallel_sequences()))
+    params.kv_unified = True
+    old = llm._ctx
+    llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+    llm._stack.callback(llm._ctx.close)
+    old.close()
+
+
 def load_llama(spec: str | None = "default", *, n_ctx: int | None = None,
                n_threads: int | None = None,
                status: Callable[[str], None] | None = None) -> LlamaModel:
@@ -255,6 +276,7 @@ def load_llama(spec: str | None = "default", *, n_ctx: int | None = None,
         # A model trained on a shorter context than the default allocation: use its own.
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=train_ctx, n_batch=512,
                               verbose=False, **threads)
+    _multi_sequence(llm)
     name = resolved.name
     return LlamaModel(
         model=llm, tokenizer=GGUFTokenizer(llm), name=name,
@@ -385,63 +407,128 @@ def score_tokens(lm: LlamaModel, prompt_ids: Sequence[int], token_ids: Sequence[
     return out
 
 
+def _batched_step(lm: LlamaModel, rows: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+    """Decode one token for each (sequence, position, token) in one batch; the logits
+    after each, in order."""
+    llm = lm.model
+    ctx, batch = llm._ctx, llm._batch
+    n_vocab = llm.n_vocab()
+    b = batch.batch
+    b.n_tokens = len(rows)
+    for i, (seq, pos, tok) in enumerate(rows):
+        b.token[i] = tok
+        b.pos[i] = pos
+        b.seq_id[i][0] = seq
+        b.n_seq_id[i] = 1
+        b.logits[i] = True
+    try:
+        ctx.decode(batch)
+    except RuntimeError as e:
+        raise ModelError(f"llama.cpp decode failed: {e}") from e
+    return [np.ctypeslib.as_array(ctx.get_logits_ith(i), shape=(n_vocab,)).copy()
+            for i in range(len(rows))]
+
+
 def grow_branches(lm: LlamaModel, prompt_ids: Sequence[int], token_ids: Sequence[int],
                   position: int, requests: Sequence[Any], *, prefix_cache: Any = None,
                   cancel: threading.Event | None = None,
                   on_step: Callable[[int, TokenStep], None] | None = None) -> list[Any]:
     """Branches from `position` (models.branch.grow_branches' contract): the prefix is
-    decoded once; each branch reuses its KV cache (cut back to the fork point) and is
-    decoded in turn."""
+    decoded once into sequence 0; each branch gets a sequence that shares the prefix's
+    cells (a sequence copy), and every step decodes one token of each live branch in one
+    batch. Up to MAX_SEQUENCES branches grow together; more go in further groups."""
     from models.branch_types import BranchOutput, BranchRequest, check_requests
 
     check_requests(lm, prompt_ids, token_ids, position, requests, lm.model.n_vocab())
     prefix = [int(i) for i in prompt_ids] + [int(i) for i in token_ids[:position]]
     reqs = [BranchRequest(tuple(int(t) for t in r.forced), resolve_seed(r.params))
             for r in requests]
+    results = [BranchOutput(forced=list(r.forced), params=r.params) for r in reqs]
+    width = max(1, int(lm.model.context_params.n_seq_max))
+    with lm.lock:
+        first = _decode(lm, prefix, 0, all_logits=False)[0]
+        for start in range(0, len(reqs), width):
+            rows = list(range(start, min(len(reqs), start + width)))
+            _grow_group(lm, prompt_ids, prefix, position, reqs, results, rows, first, cancel,
+                        on_step)
+    return results
+
+
+def _grow_group(lm: LlamaModel, prompt_ids: Sequence[int], prefix: list[int], position: int,
+                reqs: Sequence[Any], results: list[Any], rows: list[int], first: np.ndarray,
+                cancel: threading.Event | None,
+                on_step: Callable[[int, TokenStep], None] | None) -> None:
+    ctx = lm.model._ctx
     eos = lm.eos_token_ids
     texts = TopTextCache(lm.tokenizer)
     room = (lm.context_length - len(prefix)) if lm.context_length else None
-    results = [BranchOutput(forced=list(r.forced), params=r.params) for r in reqs]
-    with lm.lock:
-        first_logits = _decode(lm, prefix, 0, all_logits=False)[0]
-        for row, r in enumerate(reqs):
-            res = results[row]
-            want = len(r.forced) + r.params.max_new_tokens
-            limit, limit_reason = ((room, "context") if room is not None and want > room
-                                   else (want, "length"))
-            if limit <= 0:
-                res.stop_reason = limit_reason
-                continue
-            rng = _rng(r.params)
-            detok = Detokenizer(lm.tokenizer)
-            # Decode after a few prefix tokens, so merges and leading spaces at the fork
-            # come out as they would in the whole response; their pieces are not kept.
-            for t in prefix[len(prompt_ids):][-6:]:
-                detok.push(t)
-            detok.emitted = []
-            text = ""
-            logits = first_logits
-            k = 0
-            while True:
-                tok = r.forced[k] if k < len(r.forced) else choose(logits, r.params, rng)
-                stats = row_stats(logits, tok, r.params)
-                piece = detok.push(tok)
-                text += piece
-                reason = stop_reason(tok, eos, text, piece, r.params, k, limit, limit_reason,
-                                     cancel)
+    limits: dict[int, tuple[int, str]] = {}
+    for r in rows:
+        want = len(reqs[r].forced) + reqs[r].params.max_new_tokens
+        limits[r] = ((room, "context") if room is not None and want > room
+                     else (want, "length"))
+    # Each row's own cells come out of the one unified cache: rows that would not fit
+    # together beside the prefix are cut at the context's end, as one row alone would be.
+    if room is not None and sum(n for n, _ in limits.values()) > room:
+        share = max(1, room // len(rows))
+        limits = {r: (min(n, share), "context" if n > share else why)
+                  for r, (n, why) in limits.items()}
+    seq = {r: j for j, r in enumerate(rows)}  # row -> sequence id
+    for r in rows:
+        if seq[r]:
+            ctx.kv_cache_seq_rm(seq[r], 0, -1)
+            ctx.kv_cache_seq_cp(0, seq[r], 0, len(prefix))
+    rngs = {r: _rng(reqs[r].params) for r in rows}
+    detoks: dict[int, Detokenizer] = {}
+    for r in rows:
+        d = Detokenizer(lm.tokenizer)
+        # Decode after a few prefix tokens, so merges and leading spaces at the fork come
+        # out as they would in the whole response; their own pieces are not kept.
+        for t in prefix[len(prompt_ids):][-6:]:
+            d.push(t)
+        d.emitted = []
+        detoks[r] = d
+    text = {r: "" for r in rows}
+    logits = {r: first for r in rows}
+    alive = []
+    for r in rows:
+        if limits[r][0] <= 0:
+            results[r].stop_reason = limits[r][1]
+        else:
+            alive.append(r)
+    k = 0
+    try:
+        while alive:
+            chosen: dict[int, int] = {}
+            for r in alive:
+                req = reqs[r]
+                tok = (req.forced[k] if k < len(req.forced)
+                       else choose(logits[r], req.params, rngs[r]))
+                chosen[r] = tok
+                stats = row_stats(logits[r], tok, req.params)
+                piece = detoks[r].push(tok)
+                text[r] += piece
+                reason = stop_reason(tok, eos, text[r], piece, req.params, k, limits[r][0],
+                                     limits[r][1], cancel)
                 if reason:
-                    piece += detok.flush()
-                    res.stop_reason = reason
+                    piece += detoks[r].flush()
+                    results[r].stop_reason = reason
                 step = TokenStep(position=position + k, token_id=tok, text=piece,
-                                 logprob=stats.logprob, rank=stats.rank,
-                                 entropy=stats.entropy,
+                                 logprob=stats.logprob, rank=stats.rank, entropy=stats.entropy,
                                  sampling_entropy=stats.sampling_entropy,
                                  top=alternatives(stats, texts))
-                res.steps.append(step)
+                results[r].steps.append(step)
                 if on_step is not None:
-                    on_step(row, step)
-                if reason:
-                    break
-                logits = _decode(lm, [tok], len(prefix) + k, all_logits=False)[0]
-                k += 1
-    return results
+                    on_step(r, step)
+            alive = [r for r in alive if not results[r].stop_reason]
+            if not alive:
+                break
+            out = _batched_step(lm, [(seq[r], len(prefix) + k, chosen[r]) for r in alive])
+            logits = dict(zip(alive, out, strict=True))
+            k += 1
+    finally:
+        # Free the branches' cells; sequence 0 keeps the prefix for the caller.
+        for r in rows:
+            if seq[r]:
+                ctx.kv_cache_seq_rm(seq[r], 0, -1)
+        ctx.kv_cache_seq_rm(0, len(prefix), -1)

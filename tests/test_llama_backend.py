@@ -244,3 +244,29 @@ def test_hidden_states_come_from_transformers_on_the_same_file(llama_lm):
     assert hf.content_hash == llama_lm.content_hash
     assert len(lines) >= 1 and "transformers" in lines[0]
     assert for_needs(llama_lm, est.needs, est.name) is hf  # loaded once
+
+
+@needs_llama
+def test_many_branches_grow_in_groups_of_sequences(llama_lm):
+    """More branches than the context's sequences: grown in groups, every one complete,
+    each with its own seeded draw, and the cache left holding only the prefix."""
+    from models.branch_types import BranchRequest
+    from models.engine import grow_branches, stream_annotated
+    from models.llama_backend import MAX_SEQUENCES
+    from models.prompting import encode_prompt
+
+    ids = encode_prompt(llama_lm, PROMPTS[2])
+    steps = list(stream_annotated(llama_lm, ids, GenerationParams(max_new_tokens=8)))
+    tokens = [s.token_id for s in steps]
+    fork = max(range(len(steps)), key=lambda i: steps[i].entropy)  # where draws differ
+    n = MAX_SEQUENCES + 2
+    reqs = [BranchRequest((), GenerationParams(max_new_tokens=3, temperature=1.0, seed=i))
+            for i in range(n)]
+    out = grow_branches(llama_lm, ids, tokens, fork, reqs)
+    assert len(out) == n and all(1 <= len(o.steps) <= 3 for o in out)
+    assert all(o.steps[0].position == fork for o in out)
+    assert len({tuple(o.token_ids) for o in out}) > 1  # different seeds, different draws
+    # The engine is usable as before: a greedy decode after the batch is unchanged.
+    again = [s.token_id for s in stream_annotated(llama_lm, ids,
+                                                  GenerationParams(max_new_tokens=8))]
+    assert again == tokens
