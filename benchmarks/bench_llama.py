@@ -17,6 +17,8 @@ explorer's warm start, and `forkview mi` with nothing left to compute.
    status line shows it). Goal: ready <= 2 s. Run twice; the second run is "warm".
 3. `forkview mi` on a trace whose run is complete: a fresh process, end to end.
    Goal: <= 1 s.
+4. Branches (information): N seeded samples from one position as one multi-sequence
+   batch against one branch per call.
 Not a test: timings depend on the machine and its load.
 """
 
@@ -114,6 +116,43 @@ def bench_decode(tokens: int, reps: int) -> float:
     return ratio
 
 
+def bench_branches(n: int = 8, tokens: int = 32, reps: int = 3) -> float:
+    """N seeded samples from one position: one multi-sequence batch against N calls of
+    one branch each (the prefix decoded once per call in both)."""
+    from models.branch_types import BranchRequest
+    from models.llama_backend import grow_branches, load_llama, stream_annotated
+    from models.prompting import encode_prompt
+    from models.types import GenerationParams
+
+    lm = load_llama("default")
+    ids = encode_prompt(lm, PROMPT)
+    trace = [s.token_id for s in stream_annotated(lm, ids, GenerationParams(max_new_tokens=32))]
+    reqs = [BranchRequest((), GenerationParams(max_new_tokens=tokens, temperature=1.0,
+                                               seed=i)) for i in range(n)]
+
+    def batched() -> int:
+        return sum(len(o.steps) for o in grow_branches(lm, ids, trace, 16, reqs))
+
+    def one_at_a_time() -> int:
+        return sum(len(grow_branches(lm, ids, trace, 16, [r])[0].steps) for r in reqs)
+
+    speeds: dict[str, list[float]] = {"batched": [], "one at a time": []}
+    fns = {"batched": batched, "one at a time": one_at_a_time}
+    for fn in fns.values():
+        fn()
+    for rep in range(reps):
+        for name in (list(fns) if rep % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            made = fns[name]()
+            speeds[name].append(made / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in speeds.items()}
+    ratio = med["batched"] / med["one at a time"]
+    print(f"4. branches: {n} samples of up to {tokens} tokens at position 16: batched "
+          f"{med['batched']:.1f} tok/s, one at a time {med['one at a time']:.1f} tok/s, "
+          f"ratio {ratio:.2f} (information)")
+    return ratio
+
+
 def bench_startup(tmp: Path) -> float:
     env = {"BENCH_DB": str(tmp / "start.db"), "PATH": "/usr/bin:/bin"}
     import os
@@ -178,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         ready = bench_startup(Path(d))
         mi = bench_mi_nothing_left(Path(d))
+    bench_branches()
     print(f"\nsummary: decode ratio {ratio:.3f} (>= {DECODE_GOAL}), explorer ready "
           f"{ready:.2f} s (<= {READY_GOAL}), mi nothing left {mi:.2f} s (<= {MI_GOAL})")
     return 0
