@@ -38,6 +38,7 @@ from textual.worker import WorkerCancelled, WorkerFailed
 from forkview.ui.explorer import ExplorerScreen
 from forkview.ui.help import HelpScreen
 from forkview.ui.messages import ModelFailed, ModelLoaded, ModelStatus
+from models.engine import backend_of
 from models.errors import ModelError
 from models.types import GenerationParams
 from store import Store
@@ -135,7 +136,7 @@ class ForkviewApp(App[None]):
     def _model_loaded(self, message: ModelLoaded) -> None:
         self.lm = message.lm
         self.explorer.model_ready(message.lm)
-        engine = "" if getattr(message.lm, "backend", "hf") == "hf" else " (llama.cpp)"
+        engine = "" if backend_of(message.lm) == "hf" else f" ({backend_of(message.lm)})"
         self.notify(f"{message.lm.name} ready on {message.lm.device}{engine} "
                     f"({message.lm.load_seconds:.1f}s)", timeout=3)
 

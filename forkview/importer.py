@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forkview.prompt_sets import ANSWER_FIELDS, ID_FIELDS, PROMPT_FIELDS, split_reference
+from models.engine import vocab_size as engine_vocab_size
 from models.errors import one_line
 from models.types import GenerationParams, TokenStep
 from store import Store
@@ -276,16 +277,6 @@ def encode_messages(lm: LoadedModel, messages: list[dict[str, str]], *,
     return ids
 
 
-def vocab_size(lm: LoadedModel) -> int:
-    """Rows of the model's logits: the ids a response may hold."""
-    if getattr(lm, "backend", "hf") == "llama.cpp":
-        return int(lm.model.n_vocab())
-    emb = lm.model.get_output_embeddings()
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return int(emb.weight.shape[0])
-    return int(lm.model.config.vocab_size)
-
-
 def parse_row(lm: LoadedModel, src: SourceRow, fields: ImportFields, *, stem: str,
               set_name: str | None = None, raw: bool = False, alternatives: int = 10,
               vocab: int | None = None, system: str | None = None,
@@ -297,7 +288,7 @@ def parse_row(lm: LoadedModel, src: SourceRow, fields: ImportFields, *, stem: st
     if src.error is not None:
         raise LineError(src.error)
     row = src.row or {}
-    vocab = vocab or vocab_size(lm)
+    vocab = vocab or engine_vocab_size(lm)
     pkey = _pick(row, fields.prompt, IMPORT_PROMPT_FIELDS, "--prompt-field")
     if pkey is None:
         raise LineError("no prompt: no 'prompt' (or " + ", ".join(
@@ -385,77 +376,11 @@ def parse_row(lm: LoadedModel, src: SourceRow, fields: ImportFields, *, stem: st
 
 # ---------------------------------------------------------------------- scoring
 def score_batch(lm: LoadedModel, items: Sequence[ImportItem]) -> list[list[TokenStep]]:
-    """Teacher-forced annotation of several traces in one forward pass.
+    """Teacher-forced annotation of several traces, in as few forward passes as the
+    engine allows (models.engine.score_many)."""
+    from models.engine import score_many
 
-    One item: models.generate.score_tokens as it is. Several: prompt + response
-    right-padded to the longest, so a real token never attends to padding and keeps its
-    positions; the logits of each row's response positions go through the very
-    function generation and score_tokens use (`_annotate`), pieces and alternatives
-    through the same detokenizer and text cache. On the llama.cpp engine, each item is
-    scored by that engine's own teacher-forced pass.
-    """
-    if not items:
-        return []
-    from models.engine import backend_of
-
-    if backend_of(lm) == "llama.cpp":
-        from models.engine import score_tokens as engine_score
-
-        return [engine_score(lm, it.prompt_ids, it.response_ids, it.params) for it in items]
-    import torch
-
-    from models.generate import (
-        Detokenizer,
-        TopTextCache,
-        _annotate,
-        _top_list,
-        score_tokens,
-    )
-
-    if not items:
-        return []
-    if len(items) == 1:
-        it = items[0]
-        return [score_tokens(lm, it.prompt_ids, it.response_ids, it.params)]
-    model = lm.model
-    device = next(model.parameters()).device
-    seqs = [it.prompt_ids + it.response_ids for it in items]
-    width = max(len(s) for s in seqs)
-    pad = lm.tokenizer.pad_token_id
-    if pad is None:
-        pad = next(iter(sorted(lm.eos_token_ids)), 0)
-    input_ids = torch.full((len(seqs), width), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-    # logits[j] predicts token j + 1: a row's response is predicted from its positions
-    # len(prompt) - 1 .. len(prompt) + n - 2. Only the columns from the earliest of
-    # those on are computed.
-    first = min(len(it.prompt_ids) for it in items) - 1
-    with torch.inference_mode():
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                    logits_to_keep=width - first)
-        texts = TopTextCache(lm.tokenizer)
-        results = []
-        for b, it in enumerate(items):
-            start = len(it.prompt_ids) - 1 - first
-            n = len(it.response_ids)
-            logits = out.logits[b, start : start + n, :].float()
-            chosen = torch.tensor(it.response_ids, device=device)
-            stats = _annotate(logits, chosen, it.params)
-            detok = Detokenizer(lm.tokenizer)
-            pieces = [detok.push(t) for t in it.response_ids]
-            pieces[-1] += detok.flush()
-            results.append([
-                TokenStep(position=i, token_id=it.response_ids[i], text=pieces[i],
-                          logprob=stats.logprob[i], rank=stats.rank[i],
-                          entropy=stats.entropy[i],
-                          sampling_entropy=stats.sampling_entropy[i],
-                          top=_top_list(stats, i, texts))
-                for i in range(n)
-            ])
-    return results
+    return score_many(lm, [(it.prompt_ids, it.response_ids, it.params) for it in items])
 
 
 # ---------------------------------------------------------------------- storing
@@ -519,7 +444,7 @@ def import_file(
     fmt = "parquet" if p.suffix.lower() in (".parquet", ".pq") else "jsonl"
     model_id = model_row_id(store, lm)
     seen = dict(store.imported_hashes(model_id))  # sha256 -> trace id (or -line)
-    vocab = vocab_size(lm)
+    vocab = engine_vocab_size(lm)
     summary = ImportSummary()
 
     def skip(src: SourceRow, reason: str, duplicate: bool = False) -> None:

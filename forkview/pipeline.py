@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from models.engine import backend_of
 from models.types import GenerationParams, TokenStep
 from store import Store
 
@@ -39,7 +40,7 @@ def model_row_id(store: Store, lm: LoadedModel) -> int:
     return store.upsert_model(
         name=lm.name, spec=lm.spec, kind=lm.kind, dtype=lm.dtype, device=lm.device,
         content_hash=lm.content_hash, revision=lm.revision, tokenizer_hash=lm.tokenizer_hash,
-        backend=getattr(lm, "backend", "hf"),
+        backend=backend_of(lm),
     )
 
 

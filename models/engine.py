@@ -105,6 +105,23 @@ def score_tokens(lm: Any, prompt_ids: Sequence[int], token_ids: Sequence[int],
                                     hidden_layer=hidden_layer)
 
 
+def score_many(lm: Any, items: Sequence[tuple[Sequence[int], Sequence[int], GenerationParams]]
+               ) -> list[list[TokenStep]]:
+    """Teacher-forced scoring of several (prompt ids, token ids, params): one padded
+    forward pass on transformers, one batched decode each on llama.cpp."""
+    return _module(lm).score_many(lm, items)
+
+
+def vocab_size(lm: Any) -> int:
+    """Rows of the model's logits: the token ids a response may hold."""
+    if backend_of(lm) == "llama.cpp":
+        return int(lm.model.n_vocab())
+    emb = lm.model.get_output_embeddings()
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    return int(lm.model.config.vocab_size)
+
+
 def grow_branches(lm: Any, prompt_ids: Sequence[int], token_ids: Sequence[int],
                   position: int, requests: Sequence[Any], *, prefix_cache: Any = None,
                   cancel: threading.Event | None = None,

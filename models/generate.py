@@ -306,3 +306,62 @@ def score_tokens(
         )
         for i in range(n)
     ]
+
+
+ScoreItem = tuple[Sequence[int], Sequence[int], GenerationParams]
+
+
+@torch.inference_mode()
+def score_many(lm: LoadedModel, items: Sequence[ScoreItem]) -> list[list[TokenStep]]:
+    """Teacher-forced annotation of several (prompt ids, token ids, params) in one
+    forward pass.
+
+    One item: `score_tokens` as it is. Several: prompt + tokens right-padded to the
+    longest, so a real token never attends to padding and keeps its positions; the
+    logits of each row's token positions go through the very function generation and
+    score_tokens use (`_annotate`), pieces and alternatives through the same
+    detokenizer and text cache.
+    """
+    if not items:
+        return []
+    if len(items) == 1:
+        prompt_ids, token_ids, params = items[0]
+        return [score_tokens(lm, prompt_ids, token_ids, params)]
+    model = lm.model
+    device = next(model.parameters()).device
+    seqs = [list(prompt_ids) + list(token_ids) for prompt_ids, token_ids, _ in items]
+    width = max(len(s) for s in seqs)
+    pad = lm.tokenizer.pad_token_id
+    if pad is None:
+        pad = next(iter(sorted(lm.eos_token_ids)), 0)
+    input_ids = torch.full((len(seqs), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+    # logits[j] predicts token j + 1: a row's response is predicted from its positions
+    # len(prompt) - 1 .. len(prompt) + n - 2. Only the columns from the earliest of
+    # those on are computed.
+    first = min(len(prompt_ids) for prompt_ids, _, _ in items) - 1
+    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                logits_to_keep=width - first)
+    texts = TopTextCache(lm.tokenizer)
+    results = []
+    for b, (prompt_ids, token_ids, params) in enumerate(items):
+        start = len(prompt_ids) - 1 - first
+        n = len(token_ids)
+        logits = out.logits[b, start : start + n, :].float()
+        chosen = torch.tensor(token_ids, device=device)
+        stats = _annotate(logits, chosen, params)
+        detok = Detokenizer(lm.tokenizer)
+        pieces = [detok.push(t) for t in token_ids]
+        pieces[-1] += detok.flush()
+        results.append([
+            TokenStep(position=i, token_id=int(token_ids[i]), text=pieces[i],
+                      logprob=stats.logprob[i], rank=stats.rank[i],
+                      entropy=stats.entropy[i],
+                      sampling_entropy=stats.sampling_entropy[i],
+                      top=_top_list(stats, i, texts))
+            for i in range(n)
+        ])
+    return results

@@ -407,6 +407,14 @@ def score_tokens(lm: LlamaModel, prompt_ids: Sequence[int], token_ids: Sequence[
     return out
 
 
+def score_many(lm: LlamaModel,
+               items: Sequence[tuple[Sequence[int], Sequence[int], GenerationParams]]
+               ) -> list[list[TokenStep]]:
+    """Several teacher-forced scorings (models.generate.score_many's contract), each
+    one batched decode."""
+    return [score_tokens(lm, p, t, params) for p, t, params in items]
+
+
 def _batched_step(lm: LlamaModel, rows: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
     """Decode one token for each (sequence, position, token) in one batch; the logits
     after each, in order."""

@@ -109,10 +109,8 @@ class PrefixSlot:
         self.builds = 0  # how many times a prefix was encoded (tests read it)
 
     def get(self, lm: Any, source: forks.ForkSource) -> Any:
-        from models.engine import backend_of, prefix_cache
+        from models.engine import prefix_cache
 
-        if backend_of(lm) == "llama.cpp":
-            return None  # the llama.cpp engine keeps the prefix in its own KV cache
         key = (source.info.id, id(lm))
         if (self.key != key or self.cache is None
                 or self.cache.token_ids != source.token_ids
