@@ -71,10 +71,9 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def load(spec: str | None = "default", device: str = "auto", dtype: str = "auto",
-         backend: str = "hf", status: StatusCallback | None = None) -> Any:
-    """Load a model on an engine. The llama.cpp engine runs on the CPU in the file's own
-    quantisation: --device / --dtype other than auto are refused there."""
+def check_options(backend: str, device: str = "auto", dtype: str = "auto") -> None:
+    """ModelError (one line) for an engine that is missing or cannot take these
+    options: checked before a model loads (and before the explorer opens)."""
     check_backend(backend)
     if backend == "llama.cpp":
         if device not in ("auto", "cpu"):
@@ -83,6 +82,14 @@ def load(spec: str | None = "default", device: str = "auto", dtype: str = "auto"
         if dtype != "auto":
             raise ModelError(f"the llama.cpp backend runs the GGUF file's own quantisation "
                              f"(--dtype {dtype} needs --backend hf)")
+
+
+def load(spec: str | None = "default", device: str = "auto", dtype: str = "auto",
+         backend: str = "hf", status: StatusCallback | None = None) -> Any:
+    """Load a model on an engine. The llama.cpp engine runs on the CPU in the file's own
+    quantisation: --device / --dtype other than auto are refused there."""
+    check_options(backend, device, dtype)
+    if backend == "llama.cpp":
         from models.llama_backend import load_llama
 
         return load_llama(spec, status=status)

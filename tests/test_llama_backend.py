@@ -270,3 +270,19 @@ def test_many_branches_grow_in_groups_of_sequences(llama_lm):
     again = [s.token_id for s in stream_annotated(llama_lm, ids,
                                                   GenerationParams(max_new_tokens=8))]
     assert again == tokens
+
+
+@pytest.mark.parametrize("argv", [["--backend", "llama.cpp", "--device", "cuda"],
+                                  ["--backend", "llama.cpp", "--dtype", "bfloat16"],
+                                  ["serve", "--backend", "llama.cpp", "--device", "cuda"]])
+def test_options_the_engine_cannot_take_fail_before_the_tui(argv, tmp_path, capsys,
+                                                              monkeypatch):
+    """Refused in one line before the explorer (or the server) starts, whether or not
+    the extra is installed."""
+    import models.llama_backend as lb
+    from forkview import cli
+
+    monkeypatch.setattr(lb, "available", lambda: True)
+    code = cli.main([*argv, "--db", str(tmp_path / "x.db")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "llama.cpp backend" in err[0]

@@ -55,11 +55,12 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
-    from models.engine import check_backend
+    from models.engine import check_options
     from models.loading import resolve_spec
 
     resolve_spec(args.model)  # a path that doesn't exist fails here, before the TUI opens
-    check_backend(args.backend)  # likewise the llama.cpp extra when it is missing
+    # likewise a missing llama.cpp extra, or options its engine cannot take
+    check_options(args.backend, args.device, args.dtype)
     from forkview import preload
 
     # On llama.cpp the model loads while the store and the explorer are imported.
@@ -150,9 +151,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         Store.open(args.db, readonly=True).close()
     else:
         Store.open(args.db).close()
+        from models.engine import check_options
         from models.loading import resolve_spec
 
         resolve_spec(args.model)
+        check_options(args.backend, args.device, args.dtype)
         names = [] if args.mi.strip() in ("", "none") else args.mi.split(",")
         estimators_named(names, [])
         check_template_options(args)
